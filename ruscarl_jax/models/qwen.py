@@ -1,0 +1,259 @@
+"""Qwen2 / Qwen2.5 / Qwen3 dense decoders in Flax, with a functional interface.
+
+The parameters are a plain dict pytree; `forward` and `forward_cached` are pure functions of
+(params, tokens, ...). The decoder layers are stacked on a leading ``layers`` axis and run with
+``nn.scan`` (one compiled layer, whatever the depth), optionally rematerialised.
+
+Qwen2/2.5: q/k/v projections with bias, no q/k norm, head_dim = hidden / heads.
+Qwen3 dense: no q/k/v bias, RMSNorm on each head of q and k before RoPE, head_dim set independently.
+Both: grouped-query attention, RoPE (rotate-half form), SwiGLU MLP, RMSNorm, tied or untied embeddings.
+
+Attention takes a key mask and per-token positions, so left-padded batches (the normal case in RL)
+work: positions are ``cumsum(mask) - 1`` unless given.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules, constrain
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]  # {"k": [L, B, S, KVH, D], "v": [L, B, S, KVH, D]}
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenConfig:
+    """Architecture of a Qwen dense decoder, plus compute dtype and rematerialisation policy."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = True  # Qwen2 / 2.5
+    qk_norm: bool = False  # Qwen3
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"  # storage dtype of the parameters
+    remat: str = "none"  # none | full | dots
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; valid: {sorted(REMAT_POLICIES)}")
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in ("float32", "bfloat16"):
+                raise ValueError(f"{field}={getattr(self, field)!r}; valid: float32, bfloat16")
+
+    @property
+    def num_params(self) -> int:
+        e, f, h, k, d = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+        attn = e * (h + 2 * k) * d + h * d * e + (h + 2 * k) * d * self.qkv_bias + 2 * d * self.qk_norm
+        layer = attn + 3 * e * f + 2 * e
+        return self.num_layers * layer + self.vocab_size * e * (1 if self.tie_word_embeddings else 2) + e
+
+
+def _dt(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, rotate-half form. x: [B, T, N, D]; positions: [B, T]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., d // 2:], x32[..., : d // 2]], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def _dense(features, axis, names, cfg: QwenConfig, bias: bool, name: str) -> nn.DenseGeneral:
+    return nn.DenseGeneral(
+        features=features, axis=axis, use_bias=bias, dtype=_dt(cfg.dtype), param_dtype=_dt(cfg.param_dtype),
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[len(names) - len(features):]
+                                               if isinstance(features, tuple) else names[-1:]),
+        name=name)
+
+
+class Block(nn.Module):
+    """One decoder layer. Scanned over layers: carry is the residual stream, xs the layer's KV cache."""
+
+    cfg: QwenConfig
+    mesh: Mesh | None = None
+    rules: Rules = DEFAULT_RULES
+
+    @nn.compact
+    def __call__(self, x, positions, kv_mask, write_index, layer_cache):
+        cfg, dtype, pdtype = self.cfg, _dt(self.cfg.dtype), _dt(self.cfg.param_dtype)
+        h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        y = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="input_norm")(x)
+        q = _dense((h, d), -1, ("embed", "heads", "head_dim"), cfg, cfg.qkv_bias, "q_proj")(y)
+        kk = _dense((k, d), -1, ("embed", "kv_heads", "head_dim"), cfg, cfg.qkv_bias, "k_proj")(y)
+        v = _dense((k, d), -1, ("embed", "kv_heads", "head_dim"), cfg, cfg.qkv_bias, "v_proj")(y)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, axis_name="head_dim", name="q_norm")(q)
+            kk = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, axis_name="head_dim", name="k_norm")(kk)
+        q = constrain(rope(q, positions, cfg.rope_theta), ("batch", "length", "heads", None), self.mesh, self.rules)
+        kk = rope(kk, positions, cfg.rope_theta)
+
+        t = x.shape[1]
+        if layer_cache is None:  # full forward: keys are this sequence
+            keys, values = kk, v
+            q_slots = jnp.arange(t)
+        else:  # write this chunk into the static cache at write_index, attend to the whole cache
+            keys = jax.lax.dynamic_update_slice(layer_cache["k"], kk.astype(layer_cache["k"].dtype), (0, write_index, 0, 0))
+            values = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, write_index, 0, 0))
+            layer_cache = {"k": keys, "v": values}
+            q_slots = write_index + jnp.arange(t)
+        s = keys.shape[1]
+        allowed = kv_mask[:, None, :].astype(bool) & (jnp.arange(s)[None, None, :] <= q_slots[None, :, None])
+        qg = q.reshape(q.shape[0], t, k, h // k, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(dtype)).astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+        scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        attn = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(dtype)).reshape(q.shape)
+        attn = constrain(attn, ("batch", "length", "heads", None), self.mesh, self.rules)
+        x = x + _dense(cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), cfg, False, "o_proj")(attn)
+        x = constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules)
+
+        y = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="post_attention_norm")(x)
+        gate = _dense(cfg.intermediate_size, -1, ("embed", "mlp"), cfg, False, "gate_proj")(y)
+        up = _dense(cfg.intermediate_size, -1, ("embed", "mlp"), cfg, False, "up_proj")(y)
+        mlp = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"), self.mesh, self.rules)
+        x = x + _dense(cfg.hidden_size, -1, ("mlp", "embed"), cfg, False, "down_proj")(mlp)
+        x = constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules)
+        return x, layer_cache
+
+
+class Qwen(nn.Module):
+    """The decoder: embedding, scanned layers, final norm. Returns final hidden states (and the cache)."""
+
+    cfg: QwenConfig
+    mesh: Mesh | None = None
+    rules: Rules = DEFAULT_RULES
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=_dt(cfg.dtype), param_dtype=_dt(cfg.param_dtype),
+                              embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        self.layers = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.mesh, self.rules, name="layers")
+        self.final_norm = RMSNorm(cfg.rms_norm_eps, _dt(cfg.dtype), _dt(cfg.param_dtype))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = self.param("lm_head", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+                                      (cfg.hidden_size, cfg.vocab_size), _dt(cfg.param_dtype))
+
+    def __call__(self, tokens, positions, kv_mask, write_index=0, cache=None):
+        x = constrain(self.embed(tokens), ("batch", "length", "act_embed"), self.mesh, self.rules)
+        x, cache = self.layers(x, positions, kv_mask, write_index, cache)
+        return self.final_norm(x), cache
+
+    def output_embedding(self) -> jax.Array:
+        return self.embed.embedding.T if self.cfg.tie_word_embeddings else self.lm_head
+
+
+def default_positions(attention_mask: jax.Array) -> jax.Array:
+    """Positions of a left-padded batch: 0 at each row's first real token."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def init_params(cfg: QwenConfig, rng: jax.Array) -> Params:
+    """Random parameters (normal(0.02) kernels, unit norms) as a plain dict pytree."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    variables = Qwen(cfg).init(rng, tokens, tokens, jnp.ones((1, 1), jnp.int32))
+    return nn.meta.unbox(variables["params"])
+
+
+def param_logical_axes(cfg: QwenConfig) -> Params:
+    """A pytree like the params whose leaves are tuples of logical axis names."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    boxed = jax.eval_shape(lambda: Qwen(cfg).init(jax.random.key(0), tokens, tokens, jnp.ones((1, 1), jnp.int32)))
+    specs = nn.get_partition_spec(boxed["params"])
+    return jax.tree.map(lambda spec: tuple(spec), specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def param_shapes(cfg: QwenConfig) -> Params:
+    """A pytree like the params of jax.ShapeDtypeStruct (no memory is allocated)."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+def forward(params: Params, cfg: QwenConfig, tokens: jax.Array, attention_mask: jax.Array,
+            positions: jax.Array | None = None, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> jax.Array:
+    """Final hidden states [B, T, E] (after the last norm) of a padded batch, no cache."""
+    positions = default_positions(attention_mask) if positions is None else positions
+    hidden, _ = Qwen(cfg, mesh, rules).apply({"params": params}, tokens, positions, attention_mask)
+    return hidden
+
+
+def forward_cached(params: Params, cfg: QwenConfig, tokens: jax.Array, positions: jax.Array, cache: Cache,
+                   kv_mask: jax.Array, write_index: jax.Array | int, *, mesh: Mesh | None = None,
+                   rules: Rules = DEFAULT_RULES) -> tuple[jax.Array, Cache]:
+    """Run `tokens` [B, T] written at cache slots write_index..write_index+T-1.
+
+    kv_mask [B, S] marks which cache slots hold real tokens (including the ones written now); a query
+    at slot i attends to valid slots <= i. Returns hidden states [B, T, E] and the updated cache.
+    """
+    return Qwen(cfg, mesh, rules).apply({"params": params}, tokens, positions, kv_mask, write_index, cache)
+
+
+def init_cache(cfg: QwenConfig, batch_size: int, length: int, dtype: str | None = None) -> Cache:
+    """A zeroed static KV cache [L, B, S, KVH, D] for keys and values."""
+    shape = (cfg.num_layers, batch_size, length, cfg.num_kv_heads, cfg.head_dim)
+    dt = _dt(dtype or cfg.dtype)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+
+
+CACHE_LOGICAL_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+
+
+def output_embedding(params: Params, cfg: QwenConfig) -> jax.Array:
+    """The [E, V] matrix that maps final hidden states to logits (the embedding's transpose if tied)."""
+    return params["embed"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]
+
+
+def compute_logits(params: Params, cfg: QwenConfig, tokens: jax.Array, attention_mask: jax.Array,
+                   positions: jax.Array | None = None, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> jax.Array:
+    """Float32 logits [B, T, V] for a padded batch (materialises the whole tensor: use for small batches)."""
+    hidden = forward(params, cfg, tokens, attention_mask, positions, mesh=mesh, rules=rules)
+    logits = jnp.einsum("bte,ev->btv", hidden, output_embedding(params, cfg).astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab"), mesh, rules)
