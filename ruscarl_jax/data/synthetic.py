@@ -47,12 +47,12 @@ def topic_rubric(topic_index: int, seed: int) -> tuple[RubricItem, ...]:
     rng = np.random.default_rng([seed, topic_index])
     words = rng.choice(len(KEYWORDS), size=len(POSITIVE_POINTS) + 1, replace=False)
     items = [
-        RubricItem(f"The response mentions '{KEYWORDS[w]}'.", points,
+        RubricItem(f"The response mentions {KEYWORDS[w]}.", points,
                    ("verifier:rule", "function:contains", f"parameters:{KEYWORDS[w]}", "axis:completeness"))
         for w, points in zip(words[:-1], POSITIVE_POINTS)
     ]
     avoid = KEYWORDS[words[-1]]
-    items.append(RubricItem(f"The response uses the word '{avoid}'.", AVOID_POINTS,
+    items.append(RubricItem(f"The response uses the word {avoid}.", AVOID_POINTS,
                             ("verifier:rule", "function:contains", f"parameters:{avoid}", "axis:accuracy")))
     return tuple(items)
 
@@ -75,7 +75,7 @@ def corpus(seed: int = 0) -> list[str]:
     """Text a tokenizer for this task should be trained on (prompts, rubric wording, key words)."""
     texts = [t.format(topic=topic) for t in PROMPT_TEMPLATES + HELD_OUT_TEMPLATES for topic in TOPICS]
     texts += [item.criterion for t in range(len(TOPICS)) for item in topic_rubric(t, seed)]
-    texts += [" ".join(KEYWORDS)] * 4
+    texts += [" ".join(KEYWORDS)] * 20  # frequent enough that each key word becomes one token
     return texts
 
 

@@ -257,3 +257,16 @@ def compute_logits(params: Params, cfg: QwenConfig, tokens: jax.Array, attention
     logits = jnp.einsum("bte,ev->btv", hidden, output_embedding(params, cfg).astype(hidden.dtype),
                         preferred_element_type=jnp.float32)
     return constrain(logits, ("batch", "length", "vocab"), mesh, rules)
+
+
+def param_shardings(cfg: QwenConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Params:
+    """NamedShardings of every parameter, from its logical axes and the rules."""
+    from ruscarl_jax.models.sharding import tree_shardings
+
+    shapes = jax.tree.map(lambda s: s.shape, param_shapes(cfg))
+    return tree_shardings(param_logical_axes(cfg), shapes, mesh, rules)
+
+
+def init_params_sharded(cfg: QwenConfig, rng: jax.Array, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Params:
+    """Random parameters created directly in their shards (no host ever holds the whole model)."""
+    return jax.jit(lambda key: init_params(cfg, key), out_shardings=param_shardings(cfg, mesh, rules))(rng)

@@ -129,3 +129,45 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES, batch_si
 def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
     """How many ways the batch rule splits a batch on this mesh."""
     return math.prod(mesh.shape[axis] for axis in _mesh_axes_of(dict(rules).get("batch")))
+
+
+def _batch_spec(mesh: Mesh, ndim: int, rules: Rules) -> PartitionSpec:
+    axes = tuple(a for a in _mesh_axes_of(dict(rules).get("batch")) if mesh.shape[a] > 1)
+    return PartitionSpec(axes or None, *([None] * (ndim - 1)))
+
+
+def host_to_global(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """Each process's rows (batch-major numpy arrays) -> global arrays split over the batch axes.
+
+    On one process this is a device_put; on several, process i's rows become its devices' shards
+    (jax.make_array_from_process_local_data), so no host ever holds the whole batch.
+    """
+    def put(x: Any) -> jax.Array:
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(NamedSharding(mesh, _batch_spec(mesh, x.ndim, rules)), x)
+
+    return jax.tree.map(put, tree)
+
+
+def global_to_host(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """The inverse of host_to_global: this process's rows of batch-sharded global arrays, as numpy."""
+    if jax.process_count() == 1:
+        return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+    from jax.experimental import multihost_utils
+
+    specs = jax.tree.map(lambda x: _batch_spec(mesh, x.ndim, rules), tree)
+    return jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(tree, mesh, specs))
+
+
+def replicate_unsharded(tree: Any, mesh: Mesh) -> Any:
+    """Place leaves that are not yet laid out on `mesh` (e.g. an optimizer's step count) replicated on it,
+    so a jitted step sees the same input shardings before and after its first call."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(x: Any) -> Any:
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+
+    return jax.tree.map(place, tree)

@@ -1,0 +1,20 @@
+"""Qwen2.5-0.5B-Instruct on HealthBench: the paper's recipe scaled to one GPU or a small TPU slice.
+
+    QWEN0_5B_DIR=/models/Qwen2.5-0.5B-Instruct JUDGE_BASE_URL=http://localhost:8000/v1 JUDGE_MODEL=... \
+        python scripts/train.py --config=configs/qwen0_5b.py
+"""
+import os
+
+from configs import qwen7b
+
+
+def get_config():
+    c = qwen7b.get_config()
+    c.workdir = "runs/qwen0_5b"
+    c.model.checkpoint_dir = os.environ.get("QWEN0_5B_DIR", "")
+    c.model.remat = "dots"
+    c.data.update(dict(batch_size=16, max_prompt_length=2048))
+    c.rollout.update(dict(max_new_tokens=1024))
+    c.grpo.update(dict(ppo_mini_batch_size=64, ppo_micro_batch_size=16))
+    c.trainer.update(dict(total_steps=200, checkpoint_every=20))
+    return c

@@ -1,0 +1,58 @@
+"""The embedded default: a tiny Qwen-shaped model and tokenizer built by the project, the synthetic
+rule-verified rubric task in data/tiny/, no judge server. Runs on a laptop CPU in a few minutes.
+
+    python scripts/train.py --config=configs/tiny.py [--config.trainer.total_steps=10] [--workdir=DIR]
+"""
+import ml_collections
+
+from ruscarl_jax.models.sharding import DEFAULT_RULES
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.workdir = "runs/tiny"
+
+    c.model = ml_collections.ConfigDict(dict(
+        source="tiny",  # tiny: random init + a tokenizer trained on the task | hf: a checkpoint directory
+        checkpoint_dir="", trust_remote_code=False,
+        dtype="float32", param_dtype="float32", remat="none",
+        tiny=dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                  rope_theta=10000.0, tie_word_embeddings=True, vocab_size=1024),
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.sharding_rules = tuple(DEFAULT_RULES)
+
+    c.data = ml_collections.ConfigDict(dict(
+        train_path="data/tiny/train.jsonl", val_path="data/tiny/val.jsonl", format="auto", on_bad_row="fail",
+        batch_size=8, shuffle=True, num_epochs=None, max_prompt_length=256, length_policy="drop",
+        val_examples=32,
+    ))
+    c.scaffold = ml_collections.ConfigDict(dict(
+        rule="step_sigmoid", group_decay="linear", full_reveal_count=1, power=1.0, start_point=0.3, steepness=10.0,
+        add_base_when_zero=True, include_evaluation_warning=False, participate_training=False, wording={},
+    ))
+    c.rollout = ml_collections.ConfigDict(dict(
+        num_generations=4, max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=0, greedy=False,
+        prompt_bucket_min=64,
+        validation=dict(temperature=1.0, top_p=1.0, top_k=0, greedy=True),
+    ))
+    c.judge = ml_collections.ConfigDict(dict(base_urls=(), model="", api_key_env="RUSCARL_JUDGE_API_KEY",
+                                             ungraded_policy="drop_group"))
+    c.grpo = ml_collections.ConfigDict(dict(
+        clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0, loss_agg_mode="token-mean",
+        use_kl_loss=True, kl_coef=0.001, kl_estimator="low_var_kl", entropy_coeff=0.0,
+        norm_adv_by_std=True, ppo_mini_batch_size=16, ppo_micro_batch_size=8, ppo_epochs=1,
+        logprob_chunk_size=16, compute_dtype="float32",
+    ))
+    c.optim = ml_collections.ConfigDict(dict(
+        learning_rate=3e-3, weight_decay=0.0, max_grad_norm=1.0, schedule="constant", warmup_steps=0,
+    ))
+    c.trainer = ml_collections.ConfigDict(dict(
+        total_steps=40, checkpoint_every=10, keep_checkpoints=2, test_freq=10, overlap_judge=False,
+        save_rollouts=True, tensorboard=True,
+    ))
+    c.distributed = ml_collections.ConfigDict(dict(
+        coordinator_address="", num_processes=0, process_id=-1, cpu_collectives="",
+    ))
+    return c
