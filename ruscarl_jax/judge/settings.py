@@ -1,0 +1,107 @@
+"""`JudgeSettings`: every knob of the rubric judge in one frozen, validated dataclass.
+
+The trainer's ml_collections config section `judge` maps onto these fields one to one. The API key is
+never a field: `api_key_env` names the environment variable that holds it, and the judge reads it only
+when it has endpoints to talk to (a run whose criteria are all rule-verified needs no server and no key).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any
+
+UNGRADED_POLICIES: tuple[str, ...] = ("drop_group", "graded_only")
+
+
+def _fail(field: str, message: str) -> None:
+    raise ValueError(f"JudgeSettings.{field}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeSettings:
+    """Endpoints, limits, retries and sampling of the LLM judge.
+
+    base_urls: OpenAI-compatible endpoints ("http://host:8000/v1"); load is spread across them.
+    model: the judge model name sent with each request (may be empty only when base_urls is).
+    api_key_env: the environment variable holding the API key; None for a server without auth.
+    max_concurrency / max_concurrency_per_endpoint: requests in flight, overall and per endpoint.
+    timeout_s: the deadline of one request (connect + wait + read).
+    max_retries: further attempts after the first for 429, 5xx, timeouts, dropped connections and
+        unparseable verdicts; then the criterion is recorded as ungraded.
+    backoff_base_s / backoff_max_s: retry k waits about base * 2**(k-1) (capped), with jitter.
+    temperature / max_tokens: judge sampling.
+    extra_body: extra request fields, e.g. {"chat_template_kwargs": {"enable_thinking": False}}.
+    cache_path: SQLite verdict cache file; None (or "") turns the cache off (the training default).
+    ungraded_policy: 'drop_group' (a response with an ungraded criterion has no score and its group is
+        left out of the update) or 'graded_only' (score over the graded criteria).
+    endpoint_failures_to_down: consecutive failures (connection, 5xx, timeout) that mark an endpoint down.
+    endpoint_cooldown_s: how long a down endpoint is skipped before one probe request tries it again
+        (doubling on each further failed probe, up to backoff_max_s * 4).
+    """
+
+    base_urls: tuple[str, ...] = ()
+    model: str = ""
+    api_key_env: str | None = "JUDGE_API_KEY"
+    max_concurrency: int = 256
+    max_concurrency_per_endpoint: int = 256
+    timeout_s: float = 120.0
+    max_retries: int = 4
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 30.0
+    temperature: float = 0.0
+    max_tokens: int = 2048
+    extra_body: Mapping[str, Any] | None = None
+    cache_path: str | None = None
+    ungraded_policy: str = "drop_group"
+    endpoint_failures_to_down: int = 3
+    endpoint_cooldown_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        urls = self.base_urls
+        if isinstance(urls, str):
+            urls = (urls,)
+        if not isinstance(urls, (tuple, list)):
+            _fail("base_urls", f"must be a list of URLs, got {type(urls).__name__}")
+        urls = tuple(str(u).rstrip("/") for u in urls)
+        for url in urls:
+            parsed = urllib.parse.urlsplit(url)
+            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                _fail("base_urls", f"not an http(s) URL: {url!r}")
+        if len(set(urls)) != len(urls):
+            _fail("base_urls", "lists the same URL twice")
+        object.__setattr__(self, "base_urls", urls)
+        if urls and not (isinstance(self.model, str) and self.model):
+            _fail("model", "a judge model name is required when base_urls is set")
+        if self.api_key_env is not None and not (isinstance(self.api_key_env, str) and self.api_key_env):
+            _fail("api_key_env", "must be an environment variable name or None")
+        for name in ("max_concurrency", "max_concurrency_per_endpoint", "max_tokens", "endpoint_failures_to_down"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail(name, f"must be an integer >= 1, got {value!r}")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            _fail("max_retries", f"must be an integer >= 0, got {self.max_retries!r}")
+        for name in ("timeout_s", "backoff_base_s", "backoff_max_s", "temperature", "endpoint_cooldown_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                _fail(name, f"must be a finite number >= 0, got {value!r}")
+        if self.timeout_s <= 0:
+            _fail("timeout_s", f"must be > 0, got {self.timeout_s!r}")
+        extra = self.extra_body
+        if extra is not None:
+            if hasattr(extra, "to_dict"):  # an ml_collections ConfigDict
+                extra = extra.to_dict()
+            if not isinstance(extra, Mapping):
+                _fail("extra_body", f"must be a mapping, got {type(extra).__name__}")
+            reserved = {"model", "messages", "temperature", "max_tokens", "stream"} & set(extra)
+            if reserved:
+                _fail("extra_body", f"may not set {sorted(reserved)} (they have their own settings)")
+            object.__setattr__(self, "extra_body", types.MappingProxyType(dict(extra)))
+        if self.cache_path == "":  # a config file's way of saying "off"
+            object.__setattr__(self, "cache_path", None)
+        if self.cache_path is not None and not isinstance(self.cache_path, str):
+            _fail("cache_path", f"must be a file path or None, got {self.cache_path!r}")
+        if self.ungraded_policy not in UNGRADED_POLICIES:
+            _fail("ungraded_policy", f"unknown policy {self.ungraded_policy!r}; valid: {', '.join(UNGRADED_POLICIES)}")
