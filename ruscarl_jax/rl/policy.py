@@ -1,0 +1,46 @@
+"""What the update steps need from a model: final hidden states, the output embedding, and a mesh.
+
+The steps are written against this small interface, so they run on the Flax Qwen decoder
+(``qwen_policy``) or on any other function of (params, tokens, mask), such as a toy policy in a test.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules, constrain
+
+Params = Any
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """hidden(params, tokens [B, T], attention_mask [B, T]) -> final hidden states [B, T, E];
+    unembed(params) -> [E, V] (logits = hidden @ unembed). With a mesh, each micro-batch's rows are
+    pinned to the rules' 'batch' axes, so data parallelism splits every micro-batch across devices."""
+
+    hidden: Callable[[Params, jax.Array, jax.Array], jax.Array]
+    unembed: Callable[[Params], jax.Array]
+    mesh: Mesh | None = None
+    rules: Rules = DEFAULT_RULES
+
+    def shard_rows(self, batch: Batch) -> Batch:
+        """Constrain every [rows, ...] leaf of a (micro-)batch to be split over the batch axes."""
+        if self.mesh is None:
+            return batch
+        return jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1), self.mesh, self.rules), batch)
+
+
+def qwen_policy(cfg: Any, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Policy:
+    """The Flax Qwen decoder (ruscarl_jax.models.qwen) as a Policy; cfg.remat sets its remat policy."""
+    from ruscarl_jax.models import qwen
+
+    return Policy(
+        hidden=lambda params, tokens, mask: qwen.forward(params, cfg, tokens, mask, mesh=mesh, rules=rules),
+        unembed=lambda params: qwen.output_embedding(params, cfg),
+        mesh=mesh, rules=rules)

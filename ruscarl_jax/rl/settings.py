@@ -1,0 +1,102 @@
+"""Settings of the GRPO update: one frozen dataclass, filled from the trainer's ml_collections config.
+
+Field names follow verl's actor config where one exists, so a verl / RuscaRL run script translates
+line by line. Batch sizes count ROWS (responses), not prompts: verl's ``ppo_mini_batch_size`` counts
+prompts and multiplies by the group size, so the paper's "minibatch 32" with n = 8 is 256 rows here.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOSettings:
+    """Hyperparameters of one GRPO update over a rollout batch.
+
+    clip_ratio_low / clip_ratio_high: PPO clip range [1 - low, 1 + high] on the ratio (0.28 high is DAPO).
+    clip_ratio_c: dual-clip bound for negative advantages (must be > 1).
+    loss_agg_mode: one of AGG_MODES (see ``losses.aggregate``).
+    use_kl_loss / kl_coef / kl_estimator: KL loss to the frozen reference policy; off when either
+        use_kl_loss is False or kl_coef is 0 (then no reference policy is kept at all).
+    entropy_coeff: weight of the entropy bonus (subtracted from the loss).
+    temperature: the sampling temperature; logits are divided by it before log-probs.
+    norm_adv_by_std: GRPO (True) or Dr. GRPO (False: mean-centred rewards only); adv_epsilon is the
+        1e-6 added to the std.
+    ppo_mini_batch_size: rows per optimizer update; must divide the rollout batch.
+    ppo_micro_batch_size: rows per forward/backward pass (gradients are accumulated); divides the minibatch.
+    logprob_micro_batch_size: rows per pass when computing old / reference log-probs (default: the
+        micro-batch size); divides the rollout batch.
+    ppo_epochs: passes over the rollout batch; shuffle: a fresh row permutation per epoch.
+    logprob_chunk_size: response positions per chunk of the log-prob computation (bounds the
+        [rows, chunk, vocab] float32 logits held at once, forward and backward).
+    compute_dtype: dtype the float32 master parameters are cast to for forward/backward.
+    ref_in_host_memory: keep the reference parameters in pinned host memory between steps.
+    """
+
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    clip_ratio_c: float = 3.0
+    loss_agg_mode: str = "token-mean"
+    use_kl_loss: bool = True
+    kl_coef: float = 0.001
+    kl_estimator: str = "low_var_kl"
+    entropy_coeff: float = 0.0
+    temperature: float = 1.0
+    norm_adv_by_std: bool = True
+    adv_epsilon: float = 1e-6
+    ppo_mini_batch_size: int = 256
+    ppo_micro_batch_size: int = 8
+    logprob_micro_batch_size: int | None = None
+    ppo_epochs: int = 1
+    shuffle: bool = True
+    logprob_chunk_size: int = 256
+    compute_dtype: str = "float32"
+    ref_in_host_memory: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(field: str, why: str) -> ValueError:
+            return ValueError(f"GRPOSettings.{field}={getattr(self, field)!r}: {why}")
+
+        if self.loss_agg_mode not in AGG_MODES:
+            raise bad("loss_agg_mode", f"valid: {list(AGG_MODES)}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise bad("kl_estimator", f"valid: {list(KL_ESTIMATORS)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise bad("compute_dtype", f"valid: {list(COMPUTE_DTYPES)}")
+        for field in ("clip_ratio_low", "clip_ratio_high", "kl_coef", "adv_epsilon"):
+            if not getattr(self, field) >= 0:
+                raise bad(field, "must be >= 0")
+        if not self.clip_ratio_c > 1:
+            raise bad("clip_ratio_c", "must be > 1 (the dual clip bounds the loss of negative advantages at c * |A|)")
+        if not self.temperature > 0:
+            raise bad("temperature", "must be > 0")
+        for field in ("ppo_mini_batch_size", "ppo_micro_batch_size", "ppo_epochs", "logprob_chunk_size"):
+            if int(getattr(self, field)) < 1:
+                raise bad(field, "must be >= 1")
+        if self.logprob_micro_batch_size is not None and self.logprob_micro_batch_size < 1:
+            raise bad("logprob_micro_batch_size", "must be >= 1 or None")
+        if self.ppo_mini_batch_size % self.ppo_micro_batch_size:
+            raise bad("ppo_micro_batch_size", f"must divide ppo_mini_batch_size={self.ppo_mini_batch_size}")
+
+    @property
+    def kl_active(self) -> bool:
+        """Whether the KL loss (and so the reference policy) is used at all."""
+        return bool(self.use_kl_loss) and self.kl_coef > 0
+
+    @property
+    def logprob_rows(self) -> int:
+        return self.logprob_micro_batch_size or self.ppo_micro_batch_size
+
+    def check_batch_size(self, rows: int) -> None:
+        """Raise a clear error when a rollout batch of `rows` cannot be split as configured."""
+        if rows % self.ppo_mini_batch_size:
+            raise ValueError(f"rollout batch has {rows} rows; GRPOSettings.ppo_mini_batch_size="
+                             f"{self.ppo_mini_batch_size} must divide it")
+        if rows % self.logprob_rows:
+            raise ValueError(f"rollout batch has {rows} rows; the log-prob micro-batch size "
+                             f"{self.logprob_rows} (GRPOSettings.logprob_micro_batch_size or "
+                             f"ppo_micro_batch_size) must divide it")

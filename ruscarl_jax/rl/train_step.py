@@ -1,0 +1,229 @@
+"""The GRPO update over one rollout batch (B prompts x G responses), verl semantics.
+
+Order of work, all on the training prompts (unscaffolded by default; what the trainer puts in
+``input_ids``):
+1. old log-probs with the current parameters and, when the KL loss is on, reference log-probs with
+   the frozen reference parameters, before any update (so the first minibatch has ratio 1);
+2. group advantages from the rewards;
+3. for each of ppo_epochs: a fresh permutation of the rows, cut into minibatches of
+   ppo_mini_batch_size rows; each minibatch is cut into micro-batches whose gradients are
+   accumulated (lax.scan), then one optimizer update, skipped if the loss or gradient is not finite.
+
+Rollout batch (dict of arrays, N = B * G rows, prompt P left-padded, response R right-padded):
+input_ids int [N, P+R], attention_mask [N, P+R], response_mask [N, R] (1 up to and including the
+stop token), rewards [N], group_ids int [N]; optional row_valid [N] (alias sample_weight): rows
+with 0 leave the group statistics and the loss.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ruscarl_jax.rl.accumulate import Batch, accumulate_gradients, apply_if_finite, split_rows
+from ruscarl_jax.rl.advantages import group_advantages
+from ruscarl_jax.rl.logprobs import response_logprobs
+from ruscarl_jax.rl.losses import Normalizers, aggregate, kl_penalty, masked_mean, normalizers, policy_loss
+from ruscarl_jax.rl.optimizer import cast_floating, last_learning_rate
+from ruscarl_jax.rl.policy import Params, Policy
+from ruscarl_jax.rl.settings import GRPOSettings
+
+REQUIRED_KEYS = ("input_ids", "attention_mask", "response_mask", "rewards", "group_ids")
+VALID_KEYS = ("row_valid", "sample_weight")
+
+
+def check_rollout_batch(batch: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the key when a rollout batch is missing a field or is mis-shaped."""
+    missing = [k for k in REQUIRED_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"rollout batch: missing key(s) {missing}; it has {sorted(batch)}")
+    if np.ndim(batch["input_ids"]) != 2:
+        raise ValueError("rollout batch: 'input_ids' must be [rows, prompt+response], got shape "
+                         f"{np.shape(batch['input_ids'])}")
+    n, total = np.shape(batch["input_ids"])
+    expect = {"attention_mask": (n, total), "rewards": (n,), "group_ids": (n,)}
+    expect.update({k: (n,) for k in VALID_KEYS if k in batch})
+    for key, shape in expect.items():
+        if tuple(np.shape(batch[key])) != shape:
+            raise ValueError(f"rollout batch: '{key}' has shape {tuple(np.shape(batch[key]))}, expected {shape}")
+    resp = np.shape(batch["response_mask"])
+    if len(resp) != 2 or resp[0] != n or not 0 < resp[1] < total:
+        raise ValueError(f"rollout batch: 'response_mask' has shape {tuple(resp)}; expected [{n}, R] with "
+                         f"0 < R < {total} (the prompt needs at least one token)")
+    for key in ("input_ids", "group_ids"):
+        dtype = batch[key].dtype if hasattr(batch[key], "dtype") else np.asarray(batch[key]).dtype
+        if not np.issubdtype(dtype, np.integer):
+            raise ValueError(f"rollout batch: '{key}' must hold integers, got {dtype}")
+
+
+def _row_valid(batch: Mapping[str, jax.Array]) -> jax.Array:
+    for key in VALID_KEYS:
+        if key in batch:
+            return jnp.asarray(batch[key]) != 0
+    return jnp.ones(batch["rewards"].shape, bool)
+
+
+def _loss_mask(batch: Mapping[str, jax.Array]) -> jax.Array:
+    return batch["response_mask"].astype(jnp.float32) * _row_valid(batch)[:, None].astype(jnp.float32)
+
+
+def _compute_params(params: Params, settings: GRPOSettings) -> Params:
+    return params if settings.compute_dtype == "float32" else cast_floating(params, settings.compute_dtype)
+
+
+def rollout_logprobs(params: Params, batch: Batch, *, policy: Policy, settings: GRPOSettings) -> jax.Array:
+    """Log-probs [N, R] (float32, no gradient) of the response tokens, in passes of logprob_rows rows."""
+    cparams = _compute_params(params, settings)
+    resp_len = batch["response_mask"].shape[1]
+    rows = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    def one(micro: Batch) -> jax.Array:
+        micro = policy.shard_rows(micro)
+        hidden = policy.hidden(cparams, micro["input_ids"], micro["attention_mask"])
+        logp, _ = response_logprobs(hidden, policy.unembed(cparams), micro["input_ids"], resp_len,
+                                    temperature=settings.temperature, chunk_size=settings.logprob_chunk_size)
+        return logp
+
+    logp = jax.lax.map(one, split_rows(rows, settings.logprob_rows))
+    return jax.lax.stop_gradient(logp.reshape(-1, resp_len))
+
+
+def grpo_loss(params: Params, micro: Batch, norm: Normalizers, *, policy: Policy,
+              settings: GRPOSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """This micro-batch's share of the minibatch loss: pg_loss + kl_coef * kl_loss - entropy_coeff * entropy.
+
+    micro holds input_ids, attention_mask, loss_mask, advantages [rows], old_log_probs and (KL on)
+    ref_log_probs; `norm` are the normalisers of the whole minibatch.
+    """
+    s = settings
+    mask = micro["loss_mask"]
+    hidden = policy.hidden(params, micro["input_ids"], micro["attention_mask"])
+    logp, entropy = response_logprobs(hidden, policy.unembed(params), micro["input_ids"], mask.shape[1],
+                                      temperature=s.temperature, chunk_size=s.logprob_chunk_size)
+    adv = micro["advantages"][:, None] * mask
+    pg_loss, aux = policy_loss(logp, micro["old_log_probs"], adv, mask, clip_ratio_low=s.clip_ratio_low,
+                               clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c,
+                               loss_agg_mode=s.loss_agg_mode, norm=norm)
+    if s.entropy_coeff == 0:  # a metric only: no backward pass through the entropy
+        entropy = jax.lax.stop_gradient(entropy)
+    entropy_term = aggregate(entropy, mask, s.loss_agg_mode, norm)
+    loss = pg_loss - s.entropy_coeff * entropy_term
+    aux = {"pg_loss": pg_loss, "entropy": entropy_term, **aux}
+    if s.kl_active:
+        kl_loss = aggregate(kl_penalty(logp, micro["ref_log_probs"], s.kl_estimator), mask, s.loss_agg_mode, norm)
+        loss = loss + s.kl_coef * kl_loss
+        aux["kl_loss"] = kl_loss
+    return loss, aux
+
+
+def grpo_update(params: Params, opt_state: optax.OptState, batch: Batch, old_log_probs: jax.Array,
+                ref_log_probs: jax.Array | None, rng: jax.Array, *, policy: Policy, settings: GRPOSettings,
+                optimizer: optax.GradientTransformation) -> tuple[Params, optax.OptState, dict[str, jax.Array]]:
+    """All minibatch updates of one rollout batch, given its old (and reference) log-probs. Pure."""
+    s = settings
+    n = batch["rewards"].shape[0]
+    valid = _row_valid(batch)
+    mask = _loss_mask(batch)
+    adv = group_advantages(batch["rewards"], batch["group_ids"], valid, norm_by_std=s.norm_adv_by_std,
+                           epsilon=s.adv_epsilon)
+    rows = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "loss_mask": mask,
+            "advantages": adv, "old_log_probs": old_log_probs}
+    if s.kl_active:
+        if ref_log_probs is None:
+            raise ValueError("the KL loss is on (use_kl_loss and kl_coef > 0) but no reference log-probs were given")
+        rows["ref_log_probs"] = ref_log_probs
+
+    epoch_keys = jax.random.split(rng, s.ppo_epochs)
+    if s.shuffle:
+        order = jax.vmap(lambda k: jax.random.permutation(k, n))(epoch_keys)
+    else:
+        order = jnp.tile(jnp.arange(n), (s.ppo_epochs, 1))
+    minibatch_index = order.reshape(-1, s.ppo_mini_batch_size)
+    loss_fn = functools.partial(grpo_loss, policy=policy, settings=s)
+
+    def one_update(carry, index):
+        params, opt_state = carry
+        minibatch = jax.tree.map(lambda x: jnp.take(x, index, axis=0), rows)
+        norm = normalizers(minibatch["loss_mask"])
+        cparams = _compute_params(params, s)
+        grads, stats = accumulate_gradients(
+            lambda p, micro: loss_fn(p, micro, norm), cparams,
+            split_rows(minibatch, s.ppo_micro_batch_size), policy.shard_rows)
+        params, opt_state, applied, grad_norm = apply_if_finite(optimizer, params, opt_state, grads, stats["loss"])
+        return (params, opt_state), {**stats, "grad_norm": grad_norm, "applied": applied.astype(jnp.float32)}
+
+    (params, opt_state), per_update = jax.lax.scan(one_update, (params, opt_state), minibatch_index)
+    applied = per_update.pop("applied")
+    # loss metrics average the applied updates (a skipped one is usually NaN); all of them if none was
+    n_applied = applied.sum()
+    metrics = {k: jnp.where(n_applied > 0, jnp.sum(jnp.where(applied > 0, v, 0.0)) / jnp.maximum(n_applied, 1.0),
+                            v.mean()) for k, v in per_update.items()}
+    token_adv = adv[:, None] * mask
+    adv_mean = masked_mean(token_adv, mask)
+    metrics.update({
+        "lr": last_learning_rate(opt_state),
+        "num_updates": jnp.asarray(applied.shape[0], jnp.float32),
+        "skipped_updates": applied.shape[0] - n_applied,
+        "advantage_mean": adv_mean,
+        "advantage_std": jnp.sqrt(masked_mean(jnp.square(token_adv - adv_mean), mask)),
+        "reward_mean": jnp.sum(jnp.where(valid, batch["rewards"], 0.0)) / jnp.maximum(valid.sum(), 1),
+        "response_tokens": mask.sum(),
+    })
+    return params, opt_state, metrics
+
+
+def make_reference(params: Params, settings: GRPOSettings) -> Params | None:
+    """A frozen copy of the initial parameters for the KL loss; None when the KL loss is off.
+
+    With ref_in_host_memory the copy lives in pinned host memory (same sharding) and is brought to
+    the devices only for the reference log-prob pass of each step.
+    """
+    if not settings.kl_active:
+        return None
+    if settings.ref_in_host_memory:
+        return jax.tree.map(lambda x: jax.device_put(x, x.sharding.with_memory_kind("pinned_host")), params)
+    return jax.tree.map(jnp.copy, params)
+
+
+def _on_device(tree: Params) -> Params:
+    def move(x):
+        kind = getattr(x.sharding, "memory_kind", None)
+        return x if kind in (None, "device") else jax.device_put(x, x.sharding.with_memory_kind("device"))
+    return jax.tree.map(move, tree)
+
+
+def make_grpo_step(policy: Policy, settings: GRPOSettings, optimizer: optax.GradientTransformation, *,
+                   donate: bool = True, compiler_options: Mapping[str, Any] | None = None,
+                   ) -> Callable[..., tuple[Params, optax.OptState, dict[str, jax.Array]]]:
+    """step(params, opt_state, batch, rng, ref_params=None) -> (params, opt_state, metrics).
+
+    Compiles the log-prob pass and the update once per batch shape. With donate, the params and
+    optimizer state passed in are consumed (their buffers are reused for the results).
+    compiler_options are XLA options for both computations (e.g. scheduler flags on TPU).
+    """
+    options = dict(compiler_options) if compiler_options else None
+    logprobs = jax.jit(functools.partial(rollout_logprobs, policy=policy, settings=settings),
+                       compiler_options=options)
+    update = jax.jit(functools.partial(grpo_update, policy=policy, settings=settings, optimizer=optimizer),
+                     donate_argnums=(0, 1) if donate else (), compiler_options=options)
+
+    def step(params: Params, opt_state: optax.OptState, batch: Mapping[str, Any], rng: jax.Array,
+             ref_params: Params | None = None) -> tuple[Params, optax.OptState, dict[str, jax.Array]]:
+        check_rollout_batch(batch)
+        settings.check_batch_size(int(np.shape(batch["rewards"])[0]))
+        batch = {k: v if isinstance(v, jax.Array) else jnp.asarray(v) for k, v in batch.items()}
+        old = logprobs(params, batch)
+        ref = None
+        if settings.kl_active:
+            if ref_params is None:
+                raise ValueError("the KL loss is on (use_kl_loss and kl_coef > 0): pass ref_params "
+                                 "(make_reference(initial_params, settings))")
+            ref = logprobs(_on_device(ref_params), batch)
+        return update(params, opt_state, batch, old, ref, rng)
+
+    return step
