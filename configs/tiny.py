@@ -4,6 +4,7 @@ rule-verified rubric task in data/tiny/, no judge server. Runs on a laptop CPU i
     python scripts/train.py --config=configs/tiny.py [--config.trainer.total_steps=10] [--workdir=DIR]
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from ruscarl_jax.models.sharding import DEFAULT_RULES
 
@@ -43,14 +44,16 @@ def get_config() -> ml_collections.ConfigDict:
         clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0, loss_agg_mode="token-mean",
         use_kl_loss=True, kl_coef=0.001, kl_estimator="low_var_kl", entropy_coeff=0.0,
         norm_adv_by_std=True, ppo_mini_batch_size=16, ppo_micro_batch_size=8, ppo_epochs=1,
+        logprob_micro_batch_size=placeholder(int),  # None: the ppo_micro_batch_size
         logprob_chunk_size=16, compute_dtype="float32",
     ))
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, weight_decay=0.0, max_grad_norm=1.0, schedule="constant", warmup_steps=0,
     ))
     c.trainer = ml_collections.ConfigDict(dict(
-        total_steps=40, checkpoint_every=10, keep_checkpoints=2, test_freq=10, overlap_judge=False,
+        total_steps=60, checkpoint_every=20, keep_checkpoints=2, test_freq=10, overlap_judge=False,
         save_rollouts=True, tensorboard=True,
+        compilation_cache_dir="~/.cache/ruscarl_jax/xla",  # "" = JAX's default (JAX_COMPILATION_CACHE_DIR)
     ))
     c.distributed = ml_collections.ConfigDict(dict(
         coordinator_address="", num_processes=0, process_id=-1, cpu_collectives="",

@@ -1,0 +1,101 @@
+"""Where a run reports: metrics.jsonl, TensorBoard, rollout records and a progress line.
+
+Only the main process writes (the others get a writer that does nothing), so a multi-host run has one
+metrics file, one TensorBoard log and one progress bar. On a terminal the progress is a tqdm bar with
+step, reward and ETA; otherwise it is one plain log line per step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+logger = logging.getLogger("ruscarl_jax.trainer")
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe scalars: numpy / jax numbers to Python, non-finite floats kept as strings."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class RunWriter:
+    """Metrics, rollout records and progress for one run (a no-op on processes other than 0)."""
+
+    def __init__(self, workdir: str | pathlib.Path, total_steps: int, start_step: int = 0, active: bool = True,
+                 tensorboard: bool = True):
+        self.active = active
+        self.workdir = pathlib.Path(workdir)
+        self._bar = None
+        self._tb = None
+        if not active:
+            return
+        (self.workdir / "rollouts").mkdir(parents=True, exist_ok=True)
+        self._metrics = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="ruscarl", unit="step", dynamic_ncols=True)
+        self.total_steps = total_steps
+
+    def write_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if not self.active:
+            return
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        reward = record.get("reward_mean", float("nan"))
+        if self._bar is not None:
+            self._bar.set_postfix(reward=f"{reward:.3f}" if isinstance(reward, float) else reward)
+            self._bar.update(1)
+        else:
+            logger.info("step %d/%d reward_mean=%s %s", step, self.total_steps, _fmt(reward),
+                        " ".join(f"{k}={_fmt(record[k])}" for k in ("kl", "entropy", "response_length_mean",
+                                                                     "rollout_seconds", "update_seconds") if k in record))
+
+    def write_rollouts(self, step: int, records: Iterable[Mapping[str, Any]]) -> None:
+        if not self.active:
+            return
+        path = self.workdir / "rollouts" / f"step_{step:06d}.jsonl"
+        with open(path, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, default=_clean) + "\n")
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        self._metrics.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def truncate_metrics(workdir: str | pathlib.Path, last_step: int) -> None:
+    """Drop metrics lines after `last_step` (a resumed run rewrites the steps it redoes)."""
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

@@ -1,0 +1,44 @@
+"""Train a policy with RuscaRL.
+
+    python scripts/train.py --config=configs/tiny.py [--config.trainer.total_steps=20] [--workdir=runs/x]
+
+With no --config the embedded default (configs/tiny.py) runs on the CPU in a few minutes.
+"""
+import logging
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Path to an ml_collections config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir). An existing one is resumed.")
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "orbax", "jax._src", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from ruscarl_jax.trainer.config import ConfigError, resolve_path
+    from ruscarl_jax.trainer.loop import train
+
+    config = _CONFIG.value
+    workdir = resolve_path(_WORKDIR.value or config.workdir, pathlib.Path.cwd())
+    try:
+        last = train(config, workdir)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if last:
+        print(f"done: step {last['step']} reward_mean={last.get('reward_mean'):.4f} -> {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app.run(main)
