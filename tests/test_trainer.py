@@ -180,3 +180,14 @@ def _flat(tree):
     import jax
 
     return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_overlap_judges_one_batch_while_sampling_the_next(tmp_path):
+    _run(tmp_path, "--config.trainer.overlap_judge=True", steps=3)
+    rows = _metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # steps 1 and 2 sampled their successor while the judge worked; the last step has none to sample
+    assert rows[0]["judge_hidden_seconds"] > 0 and rows[1]["judge_hidden_seconds"] > 0
+    assert rows[2]["judge_hidden_seconds"] == 0
+    for row in rows:
+        assert math.isfinite(row["reward_mean"]) and math.isfinite(row["grad_norm"])
