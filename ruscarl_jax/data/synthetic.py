@@ -40,21 +40,32 @@ HELD_OUT_TEMPLATES = (
 )
 POSITIVE_POINTS = (3.0, 2.0, 2.0)
 AVOID_POINTS = -2.0
+# Topics of the warm-start demonstrations only: disjoint from TOPICS, so the warm start teaches how to
+# follow listed key words without teaching any topic's hidden rubric.
+WARM_START_TOPICS = (
+    "kitchen", "stadium", "airport", "factory", "theater", "cathedral", "palace", "pier", "cave", "waterfall",
+    "valley", "swamp", "reef", "plaza", "tower", "mill", "barn", "cottage", "fortress", "quarry", "canal",
+    "arena", "gallery", "chapel", "inn", "lake", "hill", "pond", "farm", "school", "garage", "tavern",
+)
+ANSWER_PREFIX = "Notes:"
+ANSWER_WORDS = 3
+
+
+def _keyword_rubric(words: list[str]) -> tuple[RubricItem, ...]:
+    """Items to include words[:-1] (POSITIVE_POINTS) and to avoid words[-1], checked by `contains`."""
+    items = [RubricItem(f"The response mentions {w}.", points,
+                        ("verifier:rule", "function:contains", f"parameters:{w}", "axis:completeness"))
+             for w, points in zip(words[:-1], POSITIVE_POINTS)]
+    items.append(RubricItem(f"The response uses the word {words[-1]}.", AVOID_POINTS,
+                            ("verifier:rule", "function:contains", f"parameters:{words[-1]}", "axis:accuracy")))
+    return tuple(items)
 
 
 def topic_rubric(topic_index: int, seed: int) -> tuple[RubricItem, ...]:
     """The hidden rubric of one topic: three key words to include, one to avoid (fixed by the seed)."""
     rng = np.random.default_rng([seed, topic_index])
     words = rng.choice(len(KEYWORDS), size=len(POSITIVE_POINTS) + 1, replace=False)
-    items = [
-        RubricItem(f"The response mentions {KEYWORDS[w]}.", points,
-                   ("verifier:rule", "function:contains", f"parameters:{KEYWORDS[w]}", "axis:completeness"))
-        for w, points in zip(words[:-1], POSITIVE_POINTS)
-    ]
-    avoid = KEYWORDS[words[-1]]
-    items.append(RubricItem(f"The response uses the word {avoid}.", AVOID_POINTS,
-                            ("verifier:rule", "function:contains", f"parameters:{avoid}", "axis:accuracy")))
-    return tuple(items)
+    return _keyword_rubric([KEYWORDS[w] for w in words])
 
 
 def make_examples(num_examples: int, seed: int = 0, *, held_out: bool = False, num_topics: int = len(TOPICS)) -> list[Example]:
@@ -69,6 +80,40 @@ def make_examples(num_examples: int, seed: int = 0, *, held_out: bool = False, n
         examples.append(Example(id=f"{'val' if held_out else 'train'}-{i:04d}-{TOPICS[t]}",
                                 messages=(Message("user", prompt),), rubric=topic_rubric(t, seed)))
     return examples
+
+
+def make_warm_start_examples(num_examples: int, seed: int = 0) -> list[Example]:
+    """Examples for the warm-start demonstrations: WARM_START_TOPICS, each with a FRESH random rubric
+    in the task's format (three key words to include, one to avoid), so no topic is tied to any words."""
+    rng = np.random.default_rng([seed, 2])
+    examples = []
+    for i in range(num_examples):
+        topic = WARM_START_TOPICS[i % len(WARM_START_TOPICS)]
+        template = PROMPT_TEMPLATES[rng.integers(len(PROMPT_TEMPLATES))]
+        words = rng.choice(len(KEYWORDS), size=len(POSITIVE_POINTS) + 1, replace=False)
+        examples.append(Example(id=f"warm-{i:04d}-{topic}", messages=(Message("user", template.format(topic=topic)),),
+                                rubric=_keyword_rubric([KEYWORDS[w] for w in words])))
+    return examples
+
+
+def demonstration(example: Example, shown: tuple[int, ...] | list[int], rng: np.random.Generator) -> str:
+    """The answer a policy that follows a scaffold should give when rubric items `shown` are revealed:
+    "Notes: w1 w2 w3" with the shown key words to include (in random order), filled up to ANSWER_WORDS
+    with random key words, never a shown word to avoid. Unshown items play no part (they are unknown)."""
+    include, avoid = [], set()
+    for i in shown:
+        item = example.rubric[i]
+        word = item.tag_value("parameters")
+        if item.tag_value("function") != "contains" or not word:
+            raise ValueError(f"example {example.id!r}, rubric item {i}: not a `contains` key-word item")
+        if item.points > 0:
+            include.append(word)
+        else:
+            avoid.add(word)
+    include = [include[j] for j in rng.permutation(len(include))]
+    pool = [w for w in KEYWORDS if w not in avoid and w not in include]
+    fill = [pool[j] for j in rng.choice(len(pool), size=max(0, ANSWER_WORDS - len(include)), replace=False)]
+    return " ".join([ANSWER_PREFIX, *include, *fill])
 
 
 def corpus(seed: int = 0) -> list[str]:
