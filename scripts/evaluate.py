@@ -93,9 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "httpx", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return evaluate(args)
+    except (FileNotFoundError, ValueError) as err:  # bad data rows, checkpoints, settings: the message names them
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Sample, judge, aggregate and write the report (see the module docstring)."""
     import jax
 
-    from ruscarl_jax.data.loaders import DataError, load_examples
+    from ruscarl_jax.data.loaders import load_examples
     from ruscarl_jax.evaluation import report as report_lib
     from ruscarl_jax.evaluation.responses import sample_responses
     from ruscarl_jax.judge.judge import Judge
@@ -106,45 +115,37 @@ def main(argv: list[str] | None = None) -> int:
     from ruscarl_jax.trainer.setup import stop_token_ids
 
     checkpoint = pathlib.Path(args.checkpoint)
-    try:
-        examples, _ = load_examples(args.data, fmt=args.format, on_bad_row=args.on_bad_row)
-        if args.max_examples:
-            examples = examples[:args.max_examples]
-        key_env = args.judge_api_key_env if os.environ.get(args.judge_api_key_env) else None
-        judge_settings = JudgeSettings(base_urls=tuple(args.judge_base_url), model=args.judge_model, api_key_env=key_env,
-                                       max_concurrency=args.judge_concurrency, timeout_s=args.judge_timeout,
-                                       max_retries=args.judge_max_retries, cache_path=args.judge_cache or None,
-                                       ungraded_policy=args.ungraded_policy)
-        if not checkpoint.is_dir():
-            raise FileNotFoundError(f"--checkpoint: {checkpoint} is not a directory")
-        mesh = make_mesh(args.mesh)
-        cfg, params = hf_io.load_checkpoint(checkpoint, mesh, DEFAULT_RULES, dtype=args.dtype)
-        tokenizer = hf_io.load_tokenizer(checkpoint)
-    except (DataError, FileNotFoundError, ValueError) as err:  # CheckpointError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    examples, _ = load_examples(args.data, fmt=args.format, on_bad_row=args.on_bad_row)
+    if args.max_examples:
+        examples = examples[:args.max_examples]
+    key_env = args.judge_api_key_env if os.environ.get(args.judge_api_key_env) else None
+    if args.judge_base_url and key_env is None:
+        logging.getLogger("evaluate").info("$%s is unset: judge requests carry no API key", args.judge_api_key_env)
+    judge_settings = JudgeSettings(base_urls=tuple(args.judge_base_url), model=args.judge_model, api_key_env=key_env,
+                                   max_concurrency=args.judge_concurrency, timeout_s=args.judge_timeout,
+                                   max_retries=args.judge_max_retries, cache_path=args.judge_cache or None,
+                                   ungraded_policy=args.ungraded_policy)
+    llm_graded = next((ex for ex in examples if any(not item.is_rule for item in ex.rubric)), None)
+    if llm_graded is not None and not judge_settings.base_urls:  # fail before loading the model and sampling
+        raise ValueError(f"example {llm_graded.id!r} of {args.data} has criteria graded by an LLM judge; "
+                         "pass --judge-base-url and --judge-model")
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"--checkpoint: {checkpoint} is not a directory")
+    mesh = make_mesh(args.mesh)
+    cfg, params = hf_io.load_checkpoint(checkpoint, mesh, DEFAULT_RULES, dtype=args.dtype)  # CheckpointError: a ValueError
+    tokenizer = hf_io.load_tokenizer(checkpoint)
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, stop_token_ids=stops, pad_token_id=pad,
                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, greedy=args.greedy)
 
     start = time.perf_counter()
-    llm_graded = next((ex for ex in examples if any(not item.is_rule for item in ex.rubric)), None)
-    if llm_graded is not None and not judge_settings.base_urls:  # fail before sampling, not after
-        print(f"error: example {llm_graded.id!r} of {args.data} has criteria graded by an LLM judge; "
-              "pass --judge-base-url and --judge-model", file=sys.stderr)
-        return 2
     with Judge(judge_settings) as judge:
         responses = sample_responses(params, cfg, tokenizer, examples, args.num_samples, sampling,
                                      jax.random.key(args.seed), batch_size=args.batch_size,
                                      max_prompt_length=args.max_prompt_length or None, mesh=mesh, rules=DEFAULT_RULES)
         sample_seconds = time.perf_counter() - start
-        flat = [(ex, text) for ex, row in zip(examples, responses) for text in row]
-        try:
-            graded = judge.grade(flat)
-        except ValueError as err:  # e.g. an LLM-graded criterion and no --judge-base-url
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        graded = judge.grade([(ex, text) for ex, row in zip(examples, responses) for text in row])
         judge_metrics = judge.metrics()
     n = args.num_samples
     grades = [graded[i * n:(i + 1) * n] for i in range(len(examples))]

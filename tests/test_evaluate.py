@@ -145,8 +145,13 @@ def test_bad_input_is_named(checkpoint, tmp_path, capsys):
     assert evaluate.main(["--checkpoint", str(checkpoint), "--data", str(llm), "--output", str(tmp_path / "o")]) == 2
     assert "'needs-judge'" in capsys.readouterr().err
 
-    assert evaluate.main(["--checkpoint", str(tmp_path / "nowhere"), "--data", str(llm)]) == 2
+    rules = _write(tmp_path / "rules.jsonl", synthetic.make_examples(2, seed=0))
+    assert evaluate.main(["--checkpoint", str(tmp_path / "nowhere"), "--data", str(rules)]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+    assert evaluate.main(["--checkpoint", str(checkpoint), "--data", str(rules), "--max-prompt-length", "3",
+                          "--output", str(tmp_path / "o")]) == 2
+    assert "example 'train-0000-river': prompt of" in capsys.readouterr().err
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text(llm.read_text() + '{"prompt_id": "x", "prompt": [], "rubrics": []}\n')

@@ -23,7 +23,6 @@ with the same settings (a different setting needs a new --workdir). --quick is a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -59,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if args.quick:
+        if args.workdir == p.get_default("workdir"):
+            args.workdir += "_quick"
         args.seeds, args.steps, args.test_freq = args.seeds[:1], 4, 2
         args.warm_start_steps, args.warm_start_examples, args.best_of = 10, 80, 2
         args.out = args.workdir
@@ -121,9 +122,10 @@ def make_warm_start(directory: pathlib.Path, args: argparse.Namespace) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-def evaluate_policy(params, cfg, tokenizer, examples, scaffold, num_samples: int, seed: int, mesh, rules) -> dict:
-    """Held-out scores of one policy: greedy without a scaffold, greedy with every criterion shown,
-    and Best-of-k of `num_samples` temperature-1 samples without a scaffold."""
+def evaluate_policy(params, cfg, tokenizer, examples, seen, scaffold, num_samples: int, seed: int, mesh, rules) -> dict:
+    """Scores of one policy on the held-out `examples`: greedy without a scaffold, greedy with every
+    criterion shown, and Best-of-k of `num_samples` temperature-1 samples without a scaffold; and
+    greedy without a scaffold on `seen` training prompts (wordings the runs trained on)."""
     import dataclasses as dc
 
     import jax
@@ -142,11 +144,13 @@ def evaluate_policy(params, cfg, tokenizer, examples, scaffold, num_samples: int
     greedy = dc.replace(sampling, greedy=True)
     out = {}
     with Judge(JudgeSettings(api_key_env=None)) as judge:
-        def score(texts: list[str]) -> float:
-            return report_lib.build_report(examples, [[g] for g in judge.grade(list(zip(examples, texts)))], [1]).overall["score"]
+        def score(texts: list[str], exs=examples) -> float:
+            return report_lib.build_report(exs, [[g] for g in judge.grade(list(zip(exs, texts)))], [1]).overall["score"]
 
         plain = sample_responses(params, cfg, tokenizer, examples, 1, greedy, jax.random.key(seed), mesh=mesh, rules=rules)
         out["greedy"] = score([row[0] for row in plain])
+        plain = sample_responses(params, cfg, tokenizer, seen, 1, greedy, jax.random.key(seed), mesh=mesh, rules=rules)
+        out["greedy_train"] = score([row[0] for row in plain], seen)
         full = build_prompts(examples, 1, None, None, dc.replace(scaffold, rule="linear"), seed, tokenizer)
         sample = generate(params, cfg, [r.sampling_ids for r in full.records], jax.random.key(seed), greedy, mesh=mesh, rules=rules)
         out["greedy_full_scaffold"] = score(tokenizer.batch_decode([t[:n] for t, n in zip(sample.tokens, sample.lengths)],
@@ -181,19 +185,21 @@ def results_table(rows: list[dict], finals: dict, warm: dict, args: argparse.Nam
         return f"{np.mean(values):.3f} ± {np.std(values):.3f} [{', '.join(f'{v:.2f}' for v in values)}]"
 
     ks = sorted({k for f in finals.values() for k in f.get("best_of", {})})
-    head = ["arm", "held-out score, final (greedy)", "held-out score, mean over evaluations",
-            "train reward without scaffold, last 10 steps", "held-out, all criteria shown"]
+    head = ["arm", "held-out, final (greedy)", "held-out, mean over evaluations", "training prompts, final (greedy)",
+            "training rollouts without scaffold, last 10 steps", "held-out, all criteria shown (greedy)"]
     head += [f"held-out best-of-{k} (T=1)" for k in ks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     w = warm["scores"]
     lines.append("| warm start (step 0) | " + " | ".join(
-        [f"{w['greedy']:.3f}", "", "", f"{w['greedy_full_scaffold']:.3f}"] + [f"{w['best_of'][k]:.3f}" for k in ks]) + " |")
+        [f"{w['greedy']:.3f}", "", f"{w['greedy_train']:.3f}", "", f"{w['greedy_full_scaffold']:.3f}"]
+        + [f"{w['best_of'][k]:.3f}" for k in ks]) + " |")
     for arm, label in ARMS.items():
         final = curves.final_values(rows, arm, "heldout_score")
         mean_curve = {s: float(np.mean([r["heldout_score"] for r in rows if r["arm"] == arm and r["seed"] == s
                                         and r["step"] > 0 and not np.isnan(r["heldout_score"])])) for s in args.seeds}
         train = curves.last_window_mean(rows, arm, "train_reward_unscaffolded", 10)
-        cells = [label, fmt(list(final.values())), fmt(list(mean_curve.values())), fmt(list(train.values())),
+        cells = [label, fmt(list(final.values())), fmt(list(mean_curve.values())),
+                 fmt([finals[(arm, s)]["greedy_train"] for s in args.seeds]), fmt(list(train.values())),
                  fmt([finals[(arm, s)]["greedy_full_scaffold"] for s in args.seeds])]
         cells += [fmt([finals[(arm, s)]["best_of"][k] for s in args.seeds]) for k in ks]
         lines.append("| " + " | ".join(cells) + " |")
@@ -264,11 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     mesh, rules = mesh_from_config(c), rules_from_config(c)
     scaffold = config_lib.validate(c, num_devices=jax.device_count()).scaffold
     val = load_data(c, "val_path")[: int(c.data.val_examples)]
+    seen = load_data(c, "train_path")[: len(synthetic.TOPICS)]  # one training prompt per topic
     cfg, params = hf_io.load_checkpoint(warm_dir, mesh, rules)
     tokenizer = hf_io.load_tokenizer(warm_dir)
     if "scores" not in warm:
         t0 = time.perf_counter()
-        warm["scores"] = evaluate_policy(params, cfg, tokenizer, val, scaffold, args.best_of, 0, mesh, rules)
+        warm["scores"] = evaluate_policy(params, cfg, tokenizer, val, seen, scaffold, args.best_of, 0, mesh, rules)
         warm["eval_seconds"] = time.perf_counter() - t0
         warm_file.write_text(json.dumps(warm, indent=2))
     log.info("warm start held-out scores: %s", warm["scores"])
@@ -282,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("training %s, seed %d -> %s", arm, seed, run_dir)
                 t0 = time.perf_counter()
                 train(arm_config(arm, seed, warm_dir, args), run_dir)
-                result = evaluate_policy(load_final_params(run_dir), cfg, tokenizer, val, scaffold, args.best_of, seed,
+                result = evaluate_policy(load_final_params(run_dir), cfg, tokenizer, val, seen, scaffold, args.best_of, seed,
                                          mesh, rules)
                 result["train_seconds"] = time.perf_counter() - t0
                 final_file.write_text(json.dumps(result, indent=2))
