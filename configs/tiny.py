@@ -46,6 +46,13 @@ def get_config() -> ml_collections.ConfigDict:
         norm_adv_by_std=True, ppo_mini_batch_size=16, ppo_micro_batch_size=8, ppo_epochs=1,
         logprob_micro_batch_size=placeholder(int),  # None: the ppo_micro_batch_size
         logprob_chunk_size=16, compute_dtype="float32",
+        # scaffold gap corrections (off = the reference): rollout_is 'none'|'token' (truncated IS at
+        # rollout_is_threshold); rollout_rs 'none'|'sequence'|'geometric' (reject rows whose ratio leaves
+        # [rollout_rs_threshold_lower or 1/upper, rollout_rs_threshold]); scope 'scaffolded'|'all'
+        rollout_is="none", rollout_is_threshold=2.0, rollout_rs="none", rollout_rs_threshold=2.0,
+        rollout_rs_threshold_lower=placeholder(float), rollout_correction_scope="scaffolded",
+        gap_thresholds=(0.1, 1.0),  # |log-ratio| thresholds of the scaffold_gap/*/frac_abs_gt_* metrics
+        filter_zero_std_groups=False, mask_truncated=False,
     ))
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, weight_decay=0.0, max_grad_norm=1.0, schedule="constant", warmup_steps=0,

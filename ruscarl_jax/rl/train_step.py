@@ -26,7 +26,9 @@ import numpy as np
 import optax
 
 from ruscarl_jax.rl.accumulate import Batch, accumulate_gradients, apply_if_finite, split_rows
+from ruscarl_jax.rl import rollout_correction
 from ruscarl_jax.rl.advantages import group_advantages
+from ruscarl_jax.rl.group_filters import filter_rows
 from ruscarl_jax.rl.logprobs import response_logprobs
 from ruscarl_jax.rl.losses import Normalizers, aggregate, kl_penalty, masked_mean, normalizers, policy_loss
 from ruscarl_jax.rl.optimizer import cast_floating, last_learning_rate
@@ -35,6 +37,7 @@ from ruscarl_jax.rl.settings import GRPOSettings
 
 REQUIRED_KEYS = ("input_ids", "attention_mask", "response_mask", "rewards", "group_ids")
 VALID_KEYS = ("row_valid", "sample_weight")
+ROW_KEYS = ("scaffolded", "truncated")  # optional [N] row flags
 
 
 def check_rollout_batch(batch: Mapping[str, Any]) -> None:
@@ -47,7 +50,7 @@ def check_rollout_batch(batch: Mapping[str, Any]) -> None:
                          f"{np.shape(batch['input_ids'])}")
     n, total = np.shape(batch["input_ids"])
     expect = {"attention_mask": (n, total), "rewards": (n,), "group_ids": (n,)}
-    expect.update({k: (n,) for k in VALID_KEYS if k in batch})
+    expect.update({k: (n,) for k in VALID_KEYS + ROW_KEYS if k in batch})
     for key, shape in expect.items():
         if tuple(np.shape(batch[key])) != shape:
             raise ValueError(f"rollout batch: '{key}' has shape {tuple(np.shape(batch[key]))}, expected {shape}")
@@ -55,6 +58,9 @@ def check_rollout_batch(batch: Mapping[str, Any]) -> None:
     if len(resp) != 2 or resp[0] != n or not 0 < resp[1] < total:
         raise ValueError(f"rollout batch: 'response_mask' has shape {tuple(resp)}; expected [{n}, R] with "
                          f"0 < R < {total} (the prompt needs at least one token)")
+    if "rollout_logprobs" in batch and tuple(np.shape(batch["rollout_logprobs"])) != tuple(resp):
+        raise ValueError(f"rollout batch: 'rollout_logprobs' has shape {tuple(np.shape(batch['rollout_logprobs']))}, "
+                         f"expected {tuple(resp)} (that of 'response_mask')")
     for key in ("input_ids", "group_ids"):
         dtype = batch[key].dtype if hasattr(batch[key], "dtype") else np.asarray(batch[key]).dtype
         if not np.issubdtype(dtype, np.integer):
@@ -108,7 +114,7 @@ def grpo_loss(params: Params, micro: Batch, norm: Normalizers, *, policy: Policy
     adv = micro["advantages"][:, None] * mask
     pg_loss, aux = policy_loss(logp, micro["old_log_probs"], adv, mask, clip_ratio_low=s.clip_ratio_low,
                                clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c,
-                               loss_agg_mode=s.loss_agg_mode, norm=norm)
+                               loss_agg_mode=s.loss_agg_mode, norm=norm, token_weight=micro.get("is_weights"))
     if s.entropy_coeff == 0:  # a metric only: no backward pass through the entropy
         entropy = jax.lax.stop_gradient(entropy)
     entropy_term = aggregate(entropy, mask, s.loss_agg_mode, norm)
@@ -131,8 +137,21 @@ def grpo_update(params: Params, opt_state: optax.OptState, batch: Batch, old_log
     mask = _loss_mask(batch)
     adv = group_advantages(batch["rewards"], batch["group_ids"], valid, norm_by_std=s.norm_adv_by_std,
                            epsilon=s.adv_epsilon)
+    base_mask = mask
+    mask, extra = filter_rows(mask, batch["rewards"], batch["group_ids"], valid, batch.get("truncated"),
+                              filter_zero_std=s.filter_zero_std_groups, mask_truncated=s.mask_truncated)
     rows = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "loss_mask": mask,
             "advantages": adv, "old_log_probs": old_log_probs}
+    if "rollout_logprobs" in batch:
+        rollout_lp = batch["rollout_logprobs"].astype(jnp.float32)
+        scaffolded = batch.get("scaffolded", jnp.zeros(n, jnp.float32))
+        extra.update(rollout_correction.gap_metrics(old_log_probs, rollout_lp, base_mask, scaffolded, s.gap_thresholds))
+        if s.correction_active:
+            weights, mask, corr = rollout_correction.correction(old_log_probs, rollout_lp, mask, scaffolded, s)
+            rows["loss_mask"] = mask
+            extra.update(corr)
+            if s.rollout_is != "none":
+                rows["is_weights"] = weights
     if s.kl_active:
         if ref_log_probs is None:
             raise ValueError("the KL loss is on (use_kl_loss and kl_coef > 0) but no reference log-probs were given")
@@ -173,6 +192,7 @@ def grpo_update(params: Params, opt_state: optax.OptState, batch: Batch, old_log
         "advantage_std": jnp.sqrt(masked_mean(jnp.square(token_adv - adv_mean), mask)),
         "reward_mean": jnp.sum(jnp.where(valid, batch["rewards"], 0.0)) / jnp.maximum(valid.sum(), 1),
         "response_tokens": mask.sum(),
+        **extra,
     })
     return params, opt_state, metrics
 
@@ -215,6 +235,9 @@ def make_grpo_step(policy: Policy, settings: GRPOSettings, optimizer: optax.Grad
     def step(params: Params, opt_state: optax.OptState, batch: Mapping[str, Any], rng: jax.Array,
              ref_params: Params | None = None) -> tuple[Params, optax.OptState, dict[str, jax.Array]]:
         check_rollout_batch(batch)
+        if settings.correction_active and "rollout_logprobs" not in batch:
+            raise ValueError("rollout correction is on (GRPOSettings.rollout_is / rollout_rs) but the rollout batch "
+                             "has no 'rollout_logprobs'")
         settings.check_batch_size(int(np.shape(batch["rewards"])[0]))
         batch = {k: v if isinstance(v, jax.Array) else jnp.asarray(v) for k, v in batch.items()}
         old = logprobs(params, batch)
