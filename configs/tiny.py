@@ -60,6 +60,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.trainer = ml_collections.ConfigDict(dict(
         total_steps=60, checkpoint_every=20, keep_checkpoints=2, test_freq=10, overlap_judge=False,
         save_rollouts=True, tensorboard=True,
+        # Weights & Biases beside TensorBoard and metrics.jsonl (pip install 'ruscarl_jax[wandb]'); mode ''
+        # follows WANDB_MODE, 'offline' writes workdir/wandb only (upload later with `wandb sync`)
+        wandb=dict(enabled=False, project="ruscarl_jax", entity="", name="", mode=""),
         compilation_cache_dir="~/.cache/ruscarl_jax/xla",  # "" = JAX's default (JAX_COMPILATION_CACHE_DIR)
     ))
     c.distributed = ml_collections.ConfigDict(dict(

@@ -24,6 +24,8 @@ from ruscarl_jax.scaffold.settings import STEP_RULES, ScaffoldSettings
 
 
 MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
+WANDB_KEYS = ("enabled", "project", "entity", "name", "mode")
+WANDB_MODES = ("", "online", "offline", "disabled")
 
 
 class ConfigError(ValueError):
@@ -68,6 +70,12 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config.{key}: {message}")
 
 
+def wandb_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """trainer.wandb when enabled (the W&B writer's options), else None."""
+    options = dict(config.trainer.get("wandb") or {})
+    return options if options.pop("enabled", False) else None
+
+
 def resolve_path(path: str, base: pathlib.Path | None = None) -> pathlib.Path:
     """Expand ~ and $VARS; relative paths are taken from the repository root (or `base`)."""
     p = pathlib.Path(os.path.expandvars(os.path.expanduser(path)))
@@ -80,6 +88,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     _require(int(trainer.get("total_steps", 0)) >= 1, "trainer.total_steps", f"must be >= 1, got {trainer.get('total_steps')}")
     for key in ("checkpoint_every", "test_freq", "keep_checkpoints"):
         _require(int(trainer.get(key, 0)) >= 0, f"trainer.{key}", f"must be >= 0, got {trainer.get(key)}")
+
+    wandb = dict(trainer.get("wandb") or {})
+    unknown = sorted(set(wandb) - set(WANDB_KEYS))
+    _require(not unknown, f"trainer.wandb.{unknown[0] if unknown else ''}", f"unknown key; valid keys: {', '.join(WANDB_KEYS)}")
+    _require(isinstance(wandb.get("enabled", False), bool), "trainer.wandb.enabled", f"must be True or False, got {wandb.get('enabled')!r}")
+    _require(wandb.get("mode", "") in WANDB_MODES, "trainer.wandb.mode", f"{wandb.get('mode')!r} is not one of {list(WANDB_MODES)}")
 
     model = _section(config, "model")
     _require(model.get("source") in ("tiny", "hf"), "model.source", f"{model.get('source')!r} is not one of 'tiny', 'hf'")

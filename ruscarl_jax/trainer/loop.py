@@ -171,7 +171,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         logger.info("resumed from %s at step %d", checkpoints.directory, start)
         if jax.process_index() == 0:
             truncate_metrics(workdir, start)
-    writer = RunWriter(workdir, total, start, active=jax.process_index() == 0, tensorboard=bool(config.trainer.tensorboard))
+    writer = RunWriter(workdir, total, start, active=jax.process_index() == 0, tensorboard=bool(config.trainer.tensorboard),
+                       wandb=config_lib.wandb_options(config), run_config=config.to_dict())
     judge = Judge(settings.judge)
     stop = _StopFlag()
     stop.install()

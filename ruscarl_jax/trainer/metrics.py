@@ -1,8 +1,12 @@
-"""Where a run reports: metrics.jsonl, TensorBoard, rollout records and a progress line.
+"""Where a run reports: metrics.jsonl, TensorBoard, Weights & Biases (opt-in), rollout records and a progress line.
 
 Only the main process writes (the others get a writer that does nothing), so a multi-host run has one
 metrics file, one TensorBoard log and one progress bar. On a terminal the progress is a tqdm bar with
 step, reward and ETA; otherwise it is one plain log line per step.
+
+W&B (`wandb` set): a run under workdir/wandb with the run's config attached; the mode comes from
+`wandb["mode"]` or the WANDB_MODE environment variable ('offline' writes files only, synced later
+with `wandb sync`). Needs the optional extra: pip install 'ruscarl_jax[wandb]'.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import logging
 import math
 import pathlib
 import sys
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -30,11 +35,13 @@ class RunWriter:
     """Metrics, rollout records and progress for one run (a no-op on processes other than 0)."""
 
     def __init__(self, workdir: str | pathlib.Path, total_steps: int, start_step: int = 0, active: bool = True,
-                 tensorboard: bool = True):
+                 tensorboard: bool = True, wandb: Mapping[str, Any] | None = None,
+                 run_config: Mapping[str, Any] | None = None):
         self.active = active
         self.workdir = pathlib.Path(workdir)
         self._bar = None
         self._tb = None
+        self._wandb = None
         if not active:
             return
         (self.workdir / "rollouts").mkdir(parents=True, exist_ok=True)
@@ -43,6 +50,8 @@ class RunWriter:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        if wandb is not None:
+            self._wandb = _start_wandb(self.workdir, dict(wandb), dict(run_config or {}), start_step)
         if sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -60,6 +69,8 @@ class RunWriter:
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
         reward = record.get("reward_mean", float("nan"))
         if self._bar is not None:
             self._bar.set_postfix(reward=f"{reward:.3f}" if isinstance(reward, float) else reward)
@@ -83,8 +94,28 @@ class RunWriter:
         self._metrics.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         if self._bar is not None:
             self._bar.close()
+
+
+def _start_wandb(workdir: pathlib.Path, options: dict[str, Any], run_config: dict[str, Any], start_step: int) -> Any:
+    """A W&B run in workdir/wandb (resumed by id when the workdir already has one)."""
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError("trainer.wandb is set but the wandb package is missing: pip install 'ruscarl_jax[wandb]'") from None
+    directory = workdir / "wandb"
+    directory.mkdir(parents=True, exist_ok=True)
+    id_file = directory / "run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
+    id_file.write_text(run_id)
+    run = wandb.init(project=options.get("project") or "ruscarl_jax", entity=options.get("entity") or None,
+                     name=options.get("name") or None, mode=options.get("mode") or None, dir=str(workdir), id=run_id,
+                     resume="allow", config=run_config, settings=wandb.Settings(console="off", x_disable_stats=True))
+    logger.info("W&B run %s (%s mode) from step %d", run.id, run.settings.mode, start_step + 1)
+    return run
 
 
 def _fmt(value: Any) -> str:
