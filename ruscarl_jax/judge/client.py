@@ -213,6 +213,7 @@ class ChatClient:
                       "max_tokens": settings.max_tokens, **dict(settings.extra_body or {})}
         self.errors: dict[str, int] = {}
         self.requests = 0
+        self.retries = 0  # attempts after the first, over all prompts
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.request_latencies: list[float] = []
@@ -235,6 +236,7 @@ class ChatClient:
         attempts = 0
         for attempt in range(self.settings.max_retries + 1):
             if attempt:
+                self.retries += 1
                 await asyncio.sleep(self.backoff_s(attempt))
             async with self._global:
                 ep, lane = await self.pool.acquire()

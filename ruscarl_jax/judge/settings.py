@@ -13,6 +13,8 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
+from ruscarl_jax.judge.grader import DEFAULT, GraderTemplate
+
 UNGRADED_POLICIES: tuple[str, ...] = ("drop_group", "graded_only")
 
 
@@ -40,6 +42,17 @@ class JudgeSettings:
     endpoint_failures_to_down: consecutive failures (connection, 5xx, timeout) that mark an endpoint down.
     endpoint_cooldown_s: how long a down endpoint is skipped before one probe request tries it again
         (doubling on each further failed probe, up to backoff_max_s * 4).
+    batch_criteria: grade all LLM criteria of a response in one request (`judge.batched`); criteria the
+        reply does not validly return fall back to per-criterion requests. Off: one request per criterion
+        (what the paper did).
+    template_path: a grader template file with <<conversation>> / <<response>>, <<rubric_item>>,
+        <<points>> placeholders (`grader.GraderTemplate`), checked here; None: the built-in template.
+    show_points: whether the rubric item is shown with its points ("[5] ...").
+    regrade_fraction: the fraction of fresh LLM verdicts asked a second time (a hash of the response and
+        criterion picks them); the agreement is reported per step.
+    max_parse_failure_rate: a step whose unparseable replies exceed this fraction of its judge requests
+        stops the run (None: no bound).
+    met_rate_tag_prefixes: rubric tags with these prefixes get a per-step met-rate metric.
     """
 
     base_urls: tuple[str, ...] = ()
@@ -58,6 +71,12 @@ class JudgeSettings:
     ungraded_policy: str = "drop_group"
     endpoint_failures_to_down: int = 3
     endpoint_cooldown_s: float = 5.0
+    batch_criteria: bool = False
+    template_path: str | None = None
+    show_points: bool = True
+    regrade_fraction: float = 0.0
+    max_parse_failure_rate: float | None = None
+    met_rate_tag_prefixes: tuple[str, ...] = ("axis:",)
 
     def __post_init__(self) -> None:
         urls = self.base_urls
@@ -103,5 +122,33 @@ class JudgeSettings:
             object.__setattr__(self, "cache_path", None)
         if self.cache_path is not None and not isinstance(self.cache_path, str):
             _fail("cache_path", f"must be a file path or None, got {self.cache_path!r}")
+        for name in ("batch_criteria", "show_points"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, f"must be True or False, got {getattr(self, name)!r}")
+        if self.template_path == "":
+            object.__setattr__(self, "template_path", None)
+        if self.template_path is not None:
+            if self.batch_criteria:
+                _fail("batch_criteria", "cannot be combined with template_path (the batched prompt has its own wording)")
+            try:
+                GraderTemplate.from_file(self.template_path, self.show_points)
+            except ValueError as err:
+                _fail("template_path", str(err))
+        rate = self.regrade_fraction
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+            _fail("regrade_fraction", f"must be a number in [0, 1], got {rate!r}")
+        bound = self.max_parse_failure_rate
+        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0.0 <= bound < 1.0):
+            _fail("max_parse_failure_rate", f"must be a number in [0, 1) or None, got {bound!r}")
+        prefixes = self.met_rate_tag_prefixes
+        if isinstance(prefixes, str) or not all(isinstance(p, str) and p for p in prefixes):
+            _fail("met_rate_tag_prefixes", f"must be a list of non-empty tag prefixes, got {prefixes!r}")
+        object.__setattr__(self, "met_rate_tag_prefixes", tuple(prefixes))
         if self.ungraded_policy not in UNGRADED_POLICIES:
             _fail("ungraded_policy", f"unknown policy {self.ungraded_policy!r}; valid: {', '.join(UNGRADED_POLICIES)}")
+
+    def grader_template(self) -> GraderTemplate:
+        """The grader template these settings use (the file at template_path, or the built-in one)."""
+        if self.template_path is None:
+            return DEFAULT if self.show_points else GraderTemplate(show_points=False)
+        return GraderTemplate.from_file(self.template_path, self.show_points)
