@@ -38,8 +38,14 @@ def get_config() -> ml_collections.ConfigDict:
         prompt_bucket_min=64,
         validation=dict(temperature=1.0, top_p=1.0, top_k=0, greedy=True),
     ))
-    c.judge = ml_collections.ConfigDict(dict(base_urls=(), model="", api_key_env="RUSCARL_JUDGE_API_KEY",
-                                             ungraded_policy="drop_group"))
+    c.judge = ml_collections.ConfigDict(dict(
+        base_urls=(), model="", api_key_env="RUSCARL_JUDGE_API_KEY", ungraded_policy="drop_group",
+        batch_criteria=False,  # True: one request grades all criteria of a response (per-criterion fallback)
+        template_path="", show_points=True,  # a grader template file with <<placeholders>>; "" = built-in
+        regrade_fraction=0.0,  # fraction of LLM verdicts asked twice; judge/regrade_agreement per step
+        max_parse_failure_rate=placeholder(float),  # e.g. 0.2: a step with more unparseable replies stops the run
+        met_rate_tag_prefixes=("axis:",),  # rubric tags with a judge/met_rate/<tag> metric per step
+    ))
     c.grpo = ml_collections.ConfigDict(dict(
         clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0, loss_agg_mode="token-mean",
         use_kl_loss=True, kl_coef=0.001, kl_estimator="low_var_kl", entropy_coeff=0.0,

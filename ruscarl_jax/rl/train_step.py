@@ -12,7 +12,10 @@ Order of work, all on the training prompts (unscaffolded by default; what the tr
 Rollout batch (dict of arrays, N = B * G rows, prompt P left-padded, response R right-padded):
 input_ids int [N, P+R], attention_mask [N, P+R], response_mask [N, R] (1 up to and including the
 stop token), rewards [N], group_ids int [N]; optional row_valid [N] (alias sample_weight): rows
-with 0 leave the group statistics and the loss.
+with 0 leave the group statistics and the loss. Optional, from the rollout: rollout_logprobs [N, R]
+(the sampler's log-probs, under the scaffolded prompt), scaffolded [N] (1: sampled with reveal ratio
+> 0) and truncated [N] (1: finish reason 'length'); with them the update reports the scaffold gap
+(`rollout_correction`) and can apply the corrections and filters of `GRPOSettings`.
 """
 from __future__ import annotations
 

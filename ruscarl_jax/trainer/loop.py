@@ -33,6 +33,7 @@ import numpy as np
 from ruscarl_jax.data.pipeline import BatchIterator, PipelineSettings
 from ruscarl_jax.evaluation import scoring
 from ruscarl_jax.judge.judge import Judge
+from ruscarl_jax.judge.telemetry import step_telemetry
 from ruscarl_jax.models import qwen
 from ruscarl_jax.models.sharding import host_to_global, replicate_unsharded
 from ruscarl_jax.rl.optimizer import make_optimizer
@@ -193,6 +194,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         for step in range(start + 1, total + 1):
             rollout, pending = pending, None
             t0 = time.perf_counter()
+            judge_counters = judge.metrics()
             future = judge.submit(rollout.judge_items)
             hidden = 0.0
             if overlap and step < total:
@@ -200,6 +202,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                 hidden = time.perf_counter() - t0
             grades = future.result()
             judge_seconds = time.perf_counter() - t0
+            judge_metrics = step_telemetry(judge_counters, judge.metrics(), rollout.judge_items, grades, settings.judge)
             rewards, valid, ungraded = _rewards(grades, generations, settings.judge.ungraded_policy)
             local = assemble(rollout, rewards, valid, group_offset, pad, sampling.prompt_bucket_min)
             batch = host_to_global(local, mesh, rules)
@@ -214,7 +217,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                 "kl": metrics.get("kl_loss", metrics.get("ppo_kl", 0.0)), "judge_ungraded": ungraded,
                 "rollout_seconds": rollout.seconds, "judge_seconds": judge_seconds, "update_seconds": update_seconds,
                 "tokens_per_second": tokens / max(rollout.seconds, 1e-9), "judge_hidden_seconds": hidden,
-                "dropped_groups": float(np.sum(valid == 0) / generations),
+                "dropped_groups": float(np.sum(valid == 0) / generations), **judge_metrics,
             })
             if val_examples and config.trainer.test_freq and (step % int(config.trainer.test_freq) == 0 or step == total):
                 metrics.update(validate_policy(params, cfg, tokenizer, val_examples, judge, val_sampling, step,

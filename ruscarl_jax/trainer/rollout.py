@@ -68,7 +68,8 @@ def assemble(rollout: Rollout, rewards: np.ndarray, row_valid: np.ndarray, group
     """This process's training rows: input_ids / attention_mask [N, P+R], response_mask [N, R],
     rewards, group_ids (globally unique: offset by this process's first group), row_valid, ratio, and for
     the scaffold gap and the group filters: rollout_logprobs [N, R] (the sampler's, under the scaffolded
-    prompt), scaffolded (1 where the sampling prompt differs from the training prompt), truncated."""
+    prompt), scaffolded (1 where the reveal ratio is > 0, as in the reward_scaffolded_mean metric),
+    truncated (finish reason 'length')."""
     records = rollout.prompts.records
     g = rollout.prompts.num_generations
     width = bucket_length(global_max(max(len(r.training_ids) for r in records)), bucket_min)
@@ -89,6 +90,6 @@ def assemble(rollout: Rollout, rewards: np.ndarray, row_valid: np.ndarray, group
         "row_valid": row_valid.astype(np.float32),
         "ratio": np.asarray([r.ratio for r in records], np.float32),
         "rollout_logprobs": np.where(response_mask > 0, rollout.samples.logprobs, 0.0).astype(np.float32),
-        "scaffolded": np.asarray([not np.array_equal(r.sampling_ids, r.training_ids) for r in records], np.float32),
+        "scaffolded": np.asarray([r.ratio > 0 for r in records], np.float32),
         "truncated": (np.asarray(rollout.samples.finish_reason) == "length").astype(np.float32),
     }

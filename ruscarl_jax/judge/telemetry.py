@@ -1,0 +1,64 @@
+"""Per-step judge reliability: what one batch of grading cost and how trustworthy it was.
+
+    before = judge.metrics(); grades = judge.grade(items)
+    metrics = step_telemetry(before, judge.metrics(), items, grades, settings)   # may raise JudgeUnreliableError
+
+Counters are differences of the judge's cumulative counters over the step (requests, retries, parse
+failures, batched requests and their per-criterion fallbacks, re-grades and agreements); ungraded
+criteria, latency percentiles and the met-rate per rubric tag come from the step's own verdicts. A
+step whose parse failures exceed `max_parse_failure_rate` of its requests raises, so a run stops with
+a clear message instead of training on noise.
+"""
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ruscarl_jax.judge.rewards import ResponseGrade
+from ruscarl_jax.judge.settings import JudgeSettings
+
+_COUNTERS = ("requests", "retries", "parse_failures", "batch_requests", "batch_fallbacks")
+
+
+class JudgeUnreliableError(RuntimeError):
+    """The judge's replies could not be parsed often enough to trust its rewards."""
+
+
+def step_telemetry(before: Mapping[str, float], after: Mapping[str, float], items: Sequence[tuple[Any, str]],
+                   grades: Sequence[ResponseGrade], settings: JudgeSettings) -> dict[str, float]:
+    """judge/* metrics of one step (see the module docstring); raises JudgeUnreliableError past the bound."""
+    def delta(key: str) -> float:
+        return float(after.get(key, 0.0)) - float(before.get(key, 0.0))
+
+    out = {f"judge/{key}": delta(key) for key in _COUNTERS}
+    requests = out["judge/requests"]
+    out["judge/parse_failure_rate"] = out["judge/parse_failures"] / requests if requests else 0.0
+    out["judge/ungraded"] = float(sum(g.ungraded_count for g in grades))
+    regraded = delta("regraded")
+    out["judge/regraded"] = regraded
+    out["judge/regrade_agreement"] = delta("regrade_agree") / regraded if regraded else float("nan")
+    latencies = np.asarray([v.latency_s for g in grades for v in g.criteria if v.source == "llm" and not v.cached],
+                           np.float64)
+    for q in (50, 90, 99):
+        out[f"judge/latency_p{q}_s"] = float(np.percentile(latencies, q)) if latencies.size else float("nan")
+    met: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for (example, _), grade in zip(items, grades):
+        for verdict in grade.criteria:
+            if verdict.met is None:
+                continue
+            for tag in example.rubric[verdict.index].tags:
+                if tag.startswith(settings.met_rate_tag_prefixes):
+                    met[tag][0] += int(verdict.met)
+                    met[tag][1] += 1
+    for tag, (hits, total) in sorted(met.items()):
+        out[f"judge/met_rate/{tag.replace(':', '_')}"] = hits / total
+    bound = settings.max_parse_failure_rate
+    if bound is not None and requests and out["judge/parse_failure_rate"] > bound:
+        raise JudgeUnreliableError(
+            f"judge: {int(out['judge/parse_failures'])} of this step's {int(requests)} judge replies could not be "
+            f"parsed ({out['judge/parse_failure_rate']:.1%}), above judge.max_parse_failure_rate={bound:g}; "
+            f"stopping instead of training on noise. Check the judge model, its max_tokens and the grader template.")
+    return out
