@@ -40,6 +40,9 @@ def test_batched_prompt_round_trip_and_parser():
     conversation, listed = split_batched_prompt(prompt)
     assert conversation.endswith("assistant: Rest.") and "You are a doctor." not in prompt
     assert [j for j, _ in listed] == LLM and listed[0][1] == '[5] Suggests "ibuprofen" or paracetamol'
+    two_lines = RubricItem('Lists:\n- "rest"\n- fluids', 2)  # HealthBench has multi-line criteria
+    assert split_batched_prompt(batched_prompt(HEADACHE.messages, "x", [(4, two_lines), (7, two_lines)]))[1] == [
+        (4, '[2] Lists:\n- "rest"\n- fluids'), (7, '[2] Lists:\n- "rest"\n- fluids')]
     got = parse_batched('```json\n[{"index": 0, "criteria_met": true, "explanation": "a"}, '
                         '{"index": 1, "criteria_met": "yes"}, {"index": 99, "criteria_met": false}, '
                         '{"index": 2, "criteria_met": false}, {"index": 2, "criteria_met": true}, '

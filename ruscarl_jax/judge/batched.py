@@ -67,10 +67,15 @@ def split_batched_prompt(prompt: str) -> tuple[str, list[tuple[int, str]]]:
     end = prompt.rfind(_FINAL)
     if not prompt.startswith(_INSTRUCTIONS) or middle < start or end < middle:
         raise ValueError("not a batched grader prompt")
-    items = []
+    items: list[tuple[int, str]] = []
     for line in prompt[middle + len(_ITEMS_HEADER):end].split("\n"):
-        index, _, text = line.partition(". ")
-        items.append((int(index), text))
+        index, dot, text = line.partition(". ")
+        if dot and index.isdigit():
+            items.append((int(index), text))
+        elif items:  # a criterion spanning several lines
+            items[-1] = (items[-1][0], items[-1][1] + "\n" + line)
+        else:
+            raise ValueError("not a batched grader prompt: the rubric items are not numbered")
     return prompt[start + len("# Conversation\n"):middle], items
 
 
