@@ -12,7 +12,7 @@ a clear message instead of training on noise.
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,18 +28,24 @@ class JudgeUnreliableError(RuntimeError):
 
 
 def step_telemetry(before: Mapping[str, float], after: Mapping[str, float], items: Sequence[tuple[Any, str]],
-                   grades: Sequence[ResponseGrade], settings: JudgeSettings) -> dict[str, float]:
-    """judge/* metrics of one step (see the module docstring); raises JudgeUnreliableError past the bound."""
-    def delta(key: str) -> float:
-        return float(after.get(key, 0.0)) - float(before.get(key, 0.0))
+                   grades: Sequence[ResponseGrade], settings: JudgeSettings,
+                   reduce: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, float]:
+    """judge/* metrics of one step (see the module docstring); raises JudgeUnreliableError past the bound.
 
-    out = {f"judge/{key}": delta(key) for key in _COUNTERS}
-    requests = out["judge/requests"]
-    out["judge/parse_failure_rate"] = out["judge/parse_failures"] / requests if requests else 0.0
-    out["judge/ungraded"] = float(sum(g.ungraded_count for g in grades))
-    regraded = delta("regraded")
-    out["judge/regraded"] = regraded
-    out["judge/regrade_agreement"] = delta("regrade_agree") / regraded if regraded else float("nan")
+    `reduce` sums a vector over processes (multi-host: each grades its own rows): the counters, and so
+    the bound's decision, are then global and every process stops together. Latencies and met-rates
+    stay this process's.
+    """
+    names = _COUNTERS + ("ungraded", "regraded", "regrade_agree")
+    local = [float(after.get(k, 0.0)) - float(before.get(k, 0.0)) for k in _COUNTERS]
+    local += [float(sum(g.ungraded_count for g in grades)), float(after.get("regraded", 0.0)) - float(before.get("regraded", 0.0)),
+              float(after.get("regrade_agree", 0.0)) - float(before.get("regrade_agree", 0.0))]
+    totals = np.asarray(local, np.float64) if reduce is None else np.asarray(reduce(np.asarray(local)), np.float64)
+    counts = dict(zip(names, totals.tolist()))
+    out = {f"judge/{key}": counts[key] for key in _COUNTERS + ("ungraded", "regraded")}
+    requests = counts["requests"]
+    out["judge/parse_failure_rate"] = counts["parse_failures"] / requests if requests else 0.0
+    out["judge/regrade_agreement"] = counts["regrade_agree"] / counts["regraded"] if counts["regraded"] else float("nan")
     latencies = np.asarray([v.latency_s for g in grades for v in g.criteria if v.source == "llm" and not v.cached],
                            np.float64)
     for q in (50, 90, 99):

@@ -202,7 +202,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                 hidden = time.perf_counter() - t0
             grades = future.result()
             judge_seconds = time.perf_counter() - t0
-            judge_metrics = step_telemetry(judge_counters, judge.metrics(), rollout.judge_items, grades, settings.judge)
+            judge_metrics = step_telemetry(judge_counters, judge.metrics(), rollout.judge_items, grades, settings.judge,
+                                           reduce=distributed.global_sum)
             rewards, valid, ungraded = _rewards(grades, generations, settings.judge.ungraded_policy)
             local = assemble(rollout, rewards, valid, group_offset, pad, sampling.prompt_bucket_min)
             batch = host_to_global(local, mesh, rules)
