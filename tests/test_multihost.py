@@ -5,6 +5,7 @@ each, gloo collectives) against one process with 4 devices, on the tiny config.
 - A checkpoint written by the two processes resumes in one 4-device process, and one written by a
   4-device process resumes in two processes, each continuing to the same parameters.
 """
+import json
 import os
 import pathlib
 import shutil
@@ -81,6 +82,10 @@ def test_two_processes_equal_one_process_with_four_devices(runs):
     _assert_same(_params(pair, 2), _params(single, 2))
     # both hosts took part: the metrics (written by process 0 only) cover every step once
     assert (pair / "metrics.jsonl").read_text().count("\n") == 2
+    # batch metrics are taken over the global batch, not process 0's rows
+    rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (single, pair)]
+    for key in ("scaffold_gap/scaffolded/abs_log_ratio_mean", "scaffold_gap/unscaffolded/rows", "frac_reward_zero_std"):
+        np.testing.assert_allclose([r[key] for r in rows[1]], [r[key] for r in rows[0]], rtol=1e-4, atol=1e-6, err_msg=key)
     # the first step's update really moved the parameters
     assert any(np.abs(_params(single, 2)[k] - _params(single, 1)[k]).max() > 0 for k in _params(single, 1))
 
