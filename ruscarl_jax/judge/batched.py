@@ -17,7 +17,14 @@ import json
 from collections.abc import Sequence
 
 from ruscarl_jax.data.types import Message, RubricItem
-from ruscarl_jax.judge.grader import VerdictParseError, Verdict, candidates, render_conversation, render_rubric_item, strip_thinking
+from ruscarl_jax.judge.grader import (
+    Verdict,
+    VerdictParseError,
+    json_values,
+    render_conversation,
+    render_rubric_item,
+    reply_snippet,
+)
 
 BATCH_VERSION = "ruscarl-batch-grader-1"
 
@@ -86,17 +93,8 @@ def is_batched_prompt(prompt: str) -> bool:
 def parse_batched(text: str, indices: Sequence[int]) -> dict[int, Verdict]:
     """The verdicts a batched reply gives for `indices` (those it gives validly); VerdictParseError when
     the reply holds no JSON list with at least one valid entry."""
-    if not isinstance(text, str):
-        raise VerdictParseError(f"the judge reply is {type(text).__name__}, not text")
     wanted = set(indices)
-    body = strip_thinking(text)
-    for candidate in candidates(body, "[", "]"):
-        if not candidate.startswith("["):
-            continue
-        try:
-            entries = json.loads(candidate)
-        except ValueError:
-            continue
+    for entries in json_values(text, "[", "]"):
         if not isinstance(entries, list):
             continue
         found: dict[int, Verdict] = {}
@@ -115,5 +113,4 @@ def parse_batched(text: str, indices: Sequence[int]) -> dict[int, Verdict]:
         found = {k: v for k, v in found.items() if k not in conflicted}
         if found:
             return found
-    snippet = " ".join(body.split())[:80]
-    raise VerdictParseError(f"no JSON list of verdicts for items {sorted(wanted)} in the judge reply: {snippet!r}")
+    raise VerdictParseError(f"no JSON list of verdicts for items {sorted(wanted)} in the judge reply: {reply_snippet(text)}")

@@ -218,18 +218,27 @@ def candidates(text: str, open_: str = "{", close: str = "}"):
     yield from balanced_spans(text, open_, close)
 
 
-def parse_verdict(text: str) -> Verdict:
-    """The verdict in a judge reply, or VerdictParseError saying why there is none."""
+def json_values(text: str, open_: str = "{", close: str = "}"):
+    """Yield the JSON values (objects, or lists with "[", "]") a judge reply may hold, most likely first,
+    after removing its reasoning; VerdictParseError when the reply is not text."""
     if not isinstance(text, str):
         raise VerdictParseError(f"the judge reply is {type(text).__name__}, not text")
-    body = strip_thinking(text)
-    for candidate in candidates(body):
-        if not candidate.startswith("{"):
-            continue
-        try:
-            obj = json.loads(candidate)
-        except ValueError:
-            continue
+    for candidate in candidates(strip_thinking(text), open_, close):
+        if candidate.startswith(open_):
+            try:
+                yield json.loads(candidate)
+            except ValueError:
+                continue
+
+
+def reply_snippet(text: str) -> str:
+    """The start of a reply (reasoning removed, whitespace collapsed), for error messages."""
+    return repr(" ".join(strip_thinking(text).split())[:80])
+
+
+def parse_verdict(text: str) -> Verdict:
+    """The verdict in a judge reply, or VerdictParseError saying why there is none."""
+    for obj in json_values(text):
         if not isinstance(obj, dict) or "criteria_met" not in obj:
             continue
         met = obj["criteria_met"]
@@ -237,5 +246,4 @@ def parse_verdict(text: str) -> Verdict:
             raise VerdictParseError(f"criteria_met must be a JSON boolean, got {json.dumps(met)[:40]}")
         explanation = obj.get("explanation", "")
         return Verdict(met=met, explanation=explanation if isinstance(explanation, str) else json.dumps(explanation))
-    snippet = " ".join(body.split())[:80]
-    raise VerdictParseError(f"no JSON object with 'criteria_met' in the judge reply: {snippet!r}")
+    raise VerdictParseError(f"no JSON object with 'criteria_met' in the judge reply: {reply_snippet(text)}")
