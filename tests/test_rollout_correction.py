@@ -252,3 +252,30 @@ def test_correction_without_rollout_logprobs_is_refused():
     s = GRPOSettings(ppo_mini_batch_size=8, ppo_micro_batch_size=4, use_kl_loss=False, rollout_is="token")
     with pytest.raises(ValueError, match="rollout_logprobs"):
         _sgd_step(s, batch, params)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    from configs import tiny
+    from ruscarl_jax.trainer import config as config_lib
+
+    bad_template = tmp_path / "grader.txt"
+    bad_template.write_text("<<conversation>> <<criterion>>", encoding="utf-8")
+    for section, key, value, message in [
+        ("grpo", "rollout_rs", "token", "config.grpo.rollout_rs: .*valid"),
+        ("grpo", "rollout_is_threshold", 0.5, "config.grpo.rollout_is_threshold: .*must be > 1"),
+        ("grpo", "rollout_correction_scope", "most", "config.grpo.rollout_correction_scope"),
+        ("judge", "template_path", str(bad_template), r"config.judge.template_path: .*grader.txt: unknown placeholder <<criterion>>"),
+        ("judge", "regrade_fraction", 2.0, "config.judge.regrade_fraction"),
+    ]:
+        c = tiny.get_config()
+        c[section][key] = value
+        with pytest.raises(config_lib.ConfigError, match=message):
+            config_lib.validate(c, num_devices=1)
+    c = tiny.get_config()
+    c.trainer.wandb.mode = "cloud"
+    with pytest.raises(config_lib.ConfigError, match="config.trainer.wandb.mode"):
+        config_lib.validate(c, num_devices=1)
+    settings = config_lib.validate(tiny.get_config(), num_devices=1)
+    assert settings.grpo.rollout_is == "none" and settings.grpo.rollout_rs == "none"  # faithful default
+    assert not settings.judge.batch_criteria and settings.judge.template_path is None
+    assert config_lib.wandb_options(tiny.get_config()) is None
