@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import jax
-import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -181,12 +180,3 @@ def is_main_process() -> bool:
     """True on process 0, the one that writes metrics, rollout records and the progress bar."""
     return jax.process_index() == 0
 
-
-def global_sum(values: np.ndarray) -> np.ndarray:
-    """Element-wise sum of a small vector over all processes (a tiny all-gather; free on one process)."""
-    values = np.asarray(values, np.float32)
-    if jax.process_count() == 1:
-        return values
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(values)).reshape(-1, values.size).sum(axis=0)
