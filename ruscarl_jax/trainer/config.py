@@ -27,6 +27,14 @@ from ruscarl_jax.scaffold.settings import STEP_RULES, ScaffoldSettings
 MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 
 
+TRAIN_SPLIT_HELP = (
+    "is required: the training split, a local path or gs:// URL of a JSONL file in HealthBench's shape "
+    "({\"prompt_id\", \"prompt\": [messages], \"rubrics\": [{\"criterion\", \"points\", \"tags\"}]} a line) or the "
+    "verl/RuscaRL parquet layout (columns prompt, reward_model). For the paper's HealthBench run it is HealthBench "
+    "(OpenAI simple-evals, 5000 examples) with the validation examples of healthbench_val400.jsonl held out (match on "
+    "prompt_id), as the RuscaRL reference builds it; set it with --config.data.train_path=... or HEALTHBENCH_TRAIN_PATH")
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot run; the message starts with the key."""
 
@@ -126,7 +134,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
         if data.get(key):
             path = check_storage(data[key], f"data.{key}")
             _require(path.is_file(), f"data.{key}", f"file not found: {path}")
-    _require(bool(data.get("train_path")), "data.train_path", "is required")
+    _require(bool(data.get("train_path")), "data.train_path", TRAIN_SPLIT_HELP)
     batch = int(data.get("batch_size", 0))
     _require(batch >= 1, "data.batch_size", f"must be >= 1, got {batch}")
 
