@@ -1,4 +1,4 @@
-"""A run on gs:// against a real GCS emulator (gcp-storage-emulator on 127.0.0.1): train, resume and
+"""A run on gs:// against a real GCS emulator (gcp-storage-emulator on 127.0.0.1, see gcs_emulator.py): train, resume and
 export through gs://bucket/..., with the training data read from the bucket too.
 
 gcsfs (etils.epath's gs:// backend) is pointed at the emulator with STORAGE_EMULATOR_HOST, tensorstore
@@ -39,8 +39,8 @@ def gcs(tmp_path_factory):
     pytest.importorskip("gcsfs")
     port = _free_port()
     log = open(tmp_path_factory.mktemp("emulator") / "emulator.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1", f"--port={port}",
-                             "--default-bucket=bucket", "--in-memory", "--quiet"], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gcs_emulator.py"), str(port), "bucket"],
+                            stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + STARTUP_WAIT_S
     while True:
         try:
