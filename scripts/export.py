@@ -36,22 +36,26 @@ def main(argv):
     from ruscarl_jax.trainer.setup import load_data, load_policy, mesh_from_config, rules_from_config
 
     try:
-        workdir = config_lib.check_storage(_WORKDIR.value, "workdir", base=pathlib.Path.cwd())
-        out = config_lib.check_storage(_OUT.value, "out", base=pathlib.Path.cwd())
-    except config_lib.ConfigError as err:
+        storage.check_url(_WORKDIR.value, "--workdir")
+        storage.check_url(_OUT.value, "--out")
+    except storage.StorageError as err:
         print(f"export: {err}", file=sys.stderr)
         return 2
+    workdir = config_lib.resolve_path(_WORKDIR.value, pathlib.Path.cwd())
+    out = config_lib.resolve_path(_OUT.value, pathlib.Path.cwd())
     config = _CONFIG.value or snapshot.load_config(workdir)
     if config is None:
         print(f"export: {workdir} has no {snapshot.CONFIG_FILE} (not a run directory?); pass the run's --config",
               file=sys.stderr)
         return 2
-    settings = config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
     mesh, rules = mesh_from_config(config), rules_from_config(config)
-    tokenizer = snapshot.load_tokenizer(workdir)
-    examples = [] if tokenizer is not None else (
-        load_data(config, "train_path") + load_data(config, "val_path")[: int(config.data.get("val_examples", 0)) or None])
-    cfg, params, tokenizer = load_policy(config, mesh, rules, examples, settings.scaffold, tokenizer=tokenizer)
+    tokenizer = snapshot.load_tokenizer(workdir)  # the data files are not needed then (nor checked)
+    examples, scaffold = [], None
+    if tokenizer is None:  # a run from before snapshots: rebuild its tokenizer from its data, as training did
+        scaffold = config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count()).scaffold
+        examples = load_data(config, "train_path") + load_data(config, "val_path")[
+            : int(config.data.get("val_examples", 0)) or None]
+    cfg, params, tokenizer = load_policy(config, mesh, rules, examples, scaffold, tokenizer=tokenizer)
     manager = ocp.CheckpointManager(workdir / "checkpoints")
     step = _STEP.value or manager.latest_step()
     if step is None:

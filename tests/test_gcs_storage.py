@@ -130,7 +130,9 @@ def test_train_resume_and_export_on_gcs(gcs, tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
     assert json.loads((run / "config.json").read_text())["data"]["train_path"] == str(data)
 
-    # export from the bucket to the bucket, with the workdir alone; the download loads in transformers
+    # export from the bucket to the bucket, with the workdir alone (the training data is gone by then);
+    # the download loads in transformers
+    data.unlink()
     _run(gcs, EXPORT + [f"--workdir={url}", "--out=gs://bucket/export"])
     out = tmp_path / "export"
     out.mkdir()
@@ -150,6 +152,7 @@ def test_train_resume_and_export_on_gcs(gcs, tmp_path):
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<|im_start|>user")
 
     # a changed config does not resume; the error names the key and nothing is compiled or written
+    data.write_text((ROOT / "data" / "tiny" / "train.jsonl").read_text())
     proc = _run(gcs, TRAIN + on_gcs + ["--config.trainer.total_steps=4", "--config.optim.learning_rate=0.5"], check=False)
     assert proc.returncode == 2 and "config.optim.learning_rate: 0.003 in the run, 0.5 now" in proc.stderr
     assert not (run / "checkpoints" / "4").exists()

@@ -50,9 +50,10 @@ def _tiny_corpus(examples: list[Example], scaffold: ScaffoldSettings) -> list[st
 
 
 def load_policy(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, examples: list[Example],
-                scaffold: ScaffoldSettings, tokenizer: Any = None) -> tuple[qwen.QwenConfig, qwen.Params, Any]:
+                scaffold: ScaffoldSettings | None, tokenizer: Any = None) -> tuple[qwen.QwenConfig, qwen.Params, Any]:
     """(model config, sharded params, tokenizer) from config.model. A given `tokenizer` (the run's
-    snapshot) is used instead of building the tiny one or loading the checkpoint's."""
+    snapshot) is used instead of building the tiny one (from `examples` and `scaffold`, which are then
+    unused) or loading the checkpoint's."""
     m = config.model
     if m.source == "tiny":
         tiny = dict(m.tiny)

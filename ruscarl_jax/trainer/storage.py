@@ -11,13 +11,14 @@ TENSORSTORE_GCS_HTTP_URL (and GOOGLE_AUTH_TOKEN_FOR_TESTING for a fake token).
 """
 from __future__ import annotations
 
-import concurrent.futures
+import importlib.util
 import os
 import pathlib
 import re
-import shutil
 import tempfile
+import threading
 import urllib.parse
+from typing import Any
 
 from etils import epath
 
@@ -56,16 +57,27 @@ def check_url(path: str | os.PathLike, key: str, timeout_s: float = PROBE_TIMEOU
                            f"{', '.join(s + '://' for s in SCHEMES)}")
     if not parts.netloc or not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]", parts.netloc):
         raise StorageError(f"{key}: {text!r} has no valid bucket name (expected {parts.scheme}://BUCKET/PATH)")
+    backend = {"gs": "gcsfs", "s3": "s3fs", "az": "adlfs"}[parts.scheme]
+    if importlib.util.find_spec(backend) is None:
+        raise StorageError(f"{key}: {text!r} needs the {backend} package (pip install {backend}; for gs:// the "
+                           f"ruscarl_jax[gcs] extra)")
     bucket = epath.Path(f"{parts.scheme}://{parts.netloc}")
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    try:
-        exists = pool.submit(bucket.exists).result(timeout=timeout_s)
-    except concurrent.futures.TimeoutError:
-        raise StorageError(f"{key}: cannot reach {bucket} for {text!r} (no answer in {timeout_s:.0f} s)") from None
-    except Exception as err:  # the fsspec backends raise many types (auth, connection, HTTP)
-        raise StorageError(f"{key}: cannot reach {bucket} for {text!r}: {type(err).__name__}: {err}") from None
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    answer: list[Any] = []
+
+    def probe() -> None:
+        try:
+            answer.append(bucket.exists())
+        except Exception as err:  # the fsspec backends raise many types (auth, connection, HTTP)
+            answer.append(err)
+
+    thread = threading.Thread(target=probe, daemon=True)  # daemon: a hung probe does not hold the exit
+    thread.start()
+    thread.join(timeout_s)
+    if not answer:
+        raise StorageError(f"{key}: cannot reach {bucket} for {text!r} (no answer in {timeout_s:.0f} s)")
+    exists = answer[0]
+    if isinstance(exists, Exception):
+        raise StorageError(f"{key}: cannot reach {bucket} for {text!r}: {type(exists).__name__}: {exists}")
     if not exists:
         raise StorageError(f"{key}: bucket {bucket} of {text!r} does not exist or is not readable")
 
@@ -101,10 +113,3 @@ def write_atomic(path: epath.Path, text: str) -> None:
         f.write(text)
     os.replace(tmp, os.fspath(path))
 
-
-def remove_tree(path: epath.Path) -> None:
-    if is_url(os.fspath(path)):
-        if path.exists():
-            path.rmtree()
-    else:
-        shutil.rmtree(os.fspath(path), ignore_errors=True)
