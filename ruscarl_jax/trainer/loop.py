@@ -42,10 +42,9 @@ from ruscarl_jax.rl.train_step import make_grpo_step, make_reference
 from ruscarl_jax.sampler.generate import fold_step_key, generate
 from ruscarl_jax.scaffold.prompts import build_prompts, render_prompt
 from ruscarl_jax.trainer import config as config_lib
-from ruscarl_jax.trainer import distributed
+from ruscarl_jax.trainer import distributed, snapshot
 from ruscarl_jax.trainer.checkpoint import Checkpointer
-from ruscarl_jax.trainer import snapshot
-from ruscarl_jax.trainer.metrics import RunWriter
+from ruscarl_jax.trainer.metrics import RunWriter, truncate_metrics
 from ruscarl_jax.trainer.rollout import Rollout, assemble, collect, row_seed
 from ruscarl_jax.trainer.setup import filter_long_prompts, load_data, load_policy, mesh_from_config, rules_from_config, stop_token_ids
 
@@ -178,6 +177,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             for _ in range(start):
                 next(data)
         logger.info("resumed from %s at step %d", checkpoints.directory, start)
+        if jax.process_index() == 0:
+            truncate_metrics(workdir, start)
     writer = RunWriter(workdir, total, start, active=jax.process_index() == 0, tensorboard=bool(config.trainer.tensorboard))
     judge = Judge(settings.judge)
     stop = _StopFlag()

@@ -114,3 +114,10 @@ def _read_metrics(path: epath.Path, last_step: int) -> list[str]:
     return [line + "\n" for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= last_step]
 
+
+
+def truncate_metrics(workdir: str | os.PathLike, last_step: int) -> None:
+    """Drop metrics lines after `last_step` (a resumed run rewrites the steps it redoes)."""
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if path.exists():
+        storage.write_atomic(path, "".join(_read_metrics(path, last_step)))
