@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,12 +184,42 @@ def _flat(tree):
     return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def test_overlap_judges_one_batch_while_sampling_the_next(tmp_path):
-    _run(tmp_path, "--config.trainer.overlap_judge=True", steps=3)
-    rows = _metrics(tmp_path)
+def _drop_checkpoints_after(workdir, step):
+    for path in (workdir / "checkpoints").iterdir():
+        if path.name.isdigit() and int(path.name) > step:
+            shutil.rmtree(path)
+
+
+# a large learning rate, so one update visibly changes what the policy samples next
+OVERLAP = ["--config.trainer.overlap_judge=True", "--config.trainer.keep_checkpoints=10", "--config.optim.learning_rate=0.03",
+           "--config.grpo.entropy_coeff=0.01"]
+
+
+def test_overlap_judges_one_batch_while_sampling_the_next_and_resumes_exactly(tmp_path):
+    full = tmp_path / "full"
+    _run(full, *OVERLAP, steps=3)
+    rows = _metrics(full)
     assert [r["step"] for r in rows] == [1, 2, 3]
     # steps 1 and 2 sampled their successor while the judge worked; the last step has none to sample
     assert rows[0]["judge_hidden_seconds"] > 0 and rows[1]["judge_hidden_seconds"] > 0
     assert rows[2]["judge_hidden_seconds"] == 0
     for row in rows:
         assert math.isfinite(row["reward_mean"]) and math.isfinite(row["grad_norm"])
+    # resume from step 1: step 2 trains on the pending rollout sampled before step 1's update, saved with step 1
+    resumed, fresh = tmp_path / "resumed", tmp_path / "fresh"
+    for copy in (resumed, fresh):
+        shutil.copytree(full, copy)
+        _drop_checkpoints_after(copy, 1)
+    assert (resumed / "checkpoints" / "1" / "pending").is_dir() and not (full / "checkpoints" / "3" / "pending").exists()
+    _run(resumed, *OVERLAP, steps=3)
+    final = _final_params(full)
+    for key, value in _final_params(resumed).items():
+        np.testing.assert_allclose(value, final[key], rtol=0, atol=1e-6, err_msg=key)
+    by_step = {r["step"]: r for r in rows}
+    for row in _metrics(resumed)[1:]:
+        for key in ("reward_mean", "response_length_mean", "entropy", "grad_norm", "pg_loss"):
+            assert row[key] == pytest.approx(by_step[row["step"]][key], abs=1e-6), (row["step"], key)
+    # without the saved rollout, step 2 is sampled from the updated parameters: a different run
+    shutil.rmtree(fresh / "checkpoints" / "1" / "pending")
+    _run(fresh, *OVERLAP, steps=3)
+    assert any(np.abs(value - final[key]).max() > 1e-4 for key, value in _final_params(fresh).items())

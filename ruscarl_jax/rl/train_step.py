@@ -8,6 +8,8 @@ Order of work, all on the training prompts (unscaffolded by default; what the tr
 3. for each of ppo_epochs: a fresh permutation of the rows, cut into minibatches of
    ppo_mini_batch_size rows; each minibatch is cut into micro-batches whose gradients are
    accumulated (lax.scan), then one optimizer update, skipped if the loss or gradient is not finite.
+   The permutation is of the GLOBAL row ids and drawn from (rng, epoch) alone (the trainer's rng is
+   fold_in(seed key, step)), so it does not depend on how the rows are spread over processes.
 
 Rollout batch (dict of arrays, N = B * G rows, prompt P left-padded, response R right-padded):
 input_ids int [N, P+R], attention_mask [N, P+R], response_mask [N, R] (1 up to and including the

@@ -149,9 +149,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     _require(fits, "mesh", f"{sizes} does not fit {num_devices} devices")
     sizes = {a: (num_devices // fixed if s == -1 else s) for a, s in sizes.items()}
     data_parallel = sizes["data"] * sizes["fsdp"]
-    rows = batch * generations * process_count
+    _require(batch % process_count == 0, "data.batch_size",
+             f"{batch} prompts (the global batch of all processes) do not split over {process_count} processes")
+    rows = batch * generations
     _require(rows % data_parallel == 0, "data.batch_size",
-             f"{batch} prompts x {generations} generations x {process_count} processes = {rows} rows, "
+             f"{batch} prompts x {generations} generations = {rows} rows (the global batch), "
              f"which do not divide across the {data_parallel} data-parallel devices (mesh data x fsdp)")
 
     grpo = _section(config, "grpo")
@@ -162,7 +164,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     try:
         grpo_settings.check_batch_size(rows)
     except ValueError as err:
-        raise ConfigError(f"config.grpo.ppo_mini_batch_size: {err}") from None
+        key = "logprob_micro_batch_size" if "log-prob" in str(err) else "ppo_mini_batch_size"
+        raise ConfigError(f"config.grpo.{key}: {err}") from None
+    for key, value in (("ppo_mini_batch_size", grpo_settings.ppo_mini_batch_size),
+                       ("ppo_micro_batch_size", grpo_settings.ppo_micro_batch_size),
+                       ("logprob_micro_batch_size", grpo_settings.logprob_rows)):
+        _require(value % data_parallel == 0, f"grpo.{key}",
+                 f"{value} rows (counted over all processes) do not divide across the {data_parallel} "
+                 f"data-parallel devices (mesh data x fsdp)")
 
     judge = _section(config, "judge")
     judge_settings = _build(JudgeSettings, judge, "judge")
