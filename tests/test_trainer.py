@@ -175,8 +175,9 @@ def test_export_loads_in_transformers_with_the_same_logits(reference_run, tmp_pa
     from ruscarl_jax.models import hf_io, qwen
 
     out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), f"--workdir={reference_run}", f"--out={out}",
-                           "--config.model.tiny.num_layers=1"], capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    # the workdir alone: the config and tokenizer come from the run's snapshot
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), f"--workdir={reference_run}", f"--out={out}"],
+                          capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))

@@ -209,8 +209,7 @@ class ChatClient:
             endpoints.append(_Endpoint(index=i, url=url, clients=clients, cap=cap, free_lanes=free))
         self.pool = EndpointPool(endpoints, settings.endpoint_failures_to_down, settings.endpoint_cooldown_s,
                                  max(settings.endpoint_cooldown_s, settings.backoff_max_s * 4))
-        self._body = {"model": settings.model, "temperature": settings.temperature,
-                      "max_tokens": settings.max_tokens, **dict(settings.extra_body or {})}
+        self._body = {"model": settings.model, **settings.sampling_body()}
         self.errors: dict[str, int] = {}
         self.requests = 0
         self.retries = 0  # attempts after the first, over all prompts

@@ -34,8 +34,11 @@ class JudgeSettings:
     max_retries: further attempts after the first for 429, 5xx, timeouts, dropped connections and
         unparseable verdicts; then the criterion is recorded as ungraded.
     backoff_base_s / backoff_max_s: retry k waits about base * 2**(k-1) (capped), with jitter.
-    temperature / max_tokens: judge sampling.
-    extra_body: extra request fields, e.g. {"chat_template_kwargs": {"enable_thinking": False}}.
+    temperature / max_tokens: judge sampling (the library default is deterministic: temperature 0).
+    top_p / presence_penalty: OpenAI sampling fields, sent only when set (None: the server's default).
+    top_k: sent in the request body as `top_k` (a vLLM / SGLang extension), only when set; 0 or None = off.
+    extra_body: extra request fields, e.g. {"chat_template_kwargs": {"enable_thinking": False}} (thinking
+        off for Qwen3 judges).
     cache_path: SQLite verdict cache file; None (or "") turns the cache off (the training default).
     ungraded_policy: 'drop_group' (a response with an ungraded criterion has no score and its group is
         left out of the update) or 'graded_only' (score over the graded criteria).
@@ -57,7 +60,7 @@ class JudgeSettings:
 
     base_urls: tuple[str, ...] = ()
     model: str = ""
-    api_key_env: str | None = "JUDGE_API_KEY"
+    api_key_env: str | None = "RUSCARL_JUDGE_API_KEY"
     max_concurrency: int = 256
     max_concurrency_per_endpoint: int = 256
     timeout_s: float = 120.0
@@ -66,6 +69,9 @@ class JudgeSettings:
     backoff_max_s: float = 30.0
     temperature: float = 0.0
     max_tokens: int = 2048
+    top_p: float | None = None
+    top_k: int | None = None
+    presence_penalty: float | None = None
     extra_body: Mapping[str, Any] | None = None
     cache_path: str | None = None
     ungraded_policy: str = "drop_group"
@@ -106,6 +112,15 @@ class JudgeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 _fail(name, f"must be a finite number >= 0, got {value!r}")
+        if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
+                                       or not 0 < self.top_p <= 1):
+            _fail("top_p", f"must be in (0, 1] or None, got {self.top_p!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
+            _fail("top_k", f"must be an integer >= 0 or None, got {self.top_k!r}")
+        if self.presence_penalty is not None and (
+                isinstance(self.presence_penalty, bool) or not isinstance(self.presence_penalty, (int, float))
+                or not -2 <= self.presence_penalty <= 2):
+            _fail("presence_penalty", f"must be in [-2, 2] (the OpenAI range) or None, got {self.presence_penalty!r}")
         if self.timeout_s <= 0:
             _fail("timeout_s", f"must be > 0, got {self.timeout_s!r}")
         extra = self.extra_body
@@ -114,7 +129,8 @@ class JudgeSettings:
                 extra = extra.to_dict()
             if not isinstance(extra, Mapping):
                 _fail("extra_body", f"must be a mapping, got {type(extra).__name__}")
-            reserved = {"model", "messages", "temperature", "max_tokens", "stream"} & set(extra)
+            reserved = {"model", "messages", "temperature", "max_tokens", "stream", "top_p", "top_k",
+                        "presence_penalty"} & set(extra)
             if reserved:
                 _fail("extra_body", f"may not set {sorted(reserved)} (they have their own settings)")
             object.__setattr__(self, "extra_body", types.MappingProxyType(dict(extra)))
@@ -152,3 +168,14 @@ class JudgeSettings:
         if self.template_path is None:
             return DEFAULT if self.show_points else GraderTemplate(show_points=False)
         return GraderTemplate.from_file(self.template_path, self.show_points)
+
+    def sampling_body(self) -> dict[str, Any]:
+        """The sampling fields of one chat-completions request (unset optional fields are left out)."""
+        body: dict[str, Any] = {"temperature": self.temperature, "max_tokens": self.max_tokens}
+        if self.top_p is not None:
+            body["top_p"] = self.top_p
+        if self.presence_penalty is not None:
+            body["presence_penalty"] = self.presence_penalty
+        if self.top_k:
+            body["top_k"] = self.top_k
+        return {**body, **dict(self.extra_body or {})}

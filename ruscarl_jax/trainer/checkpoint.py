@@ -8,12 +8,16 @@ parameters, which the trainer rebuilds from the model source.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from ruscarl_jax.trainer import storage
 
 
 class _IteratorState:
@@ -37,8 +41,10 @@ class Checkpointer:
 
     The state holds arrays only: keep RNG keys as raw key data (jax.random.key_data)."""
 
-    def __init__(self, directory: str | pathlib.Path, keep: int = 3, save_every: int = 0):
-        self.directory = pathlib.Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, save_every: int = 0):
+        """`directory`: a local path or a storage URL (gs://BUCKET/PATH)."""
+        text = os.fspath(directory)
+        self.directory = epath.Path(text if storage.is_url(text) else pathlib.Path(text).absolute())
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.save_every = save_every

@@ -9,16 +9,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pathlib
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from ruscarl_jax.judge.settings import JudgeSettings
 from ruscarl_jax.models.sharding import MESH_AXES
 from ruscarl_jax.rl.optimizer import OptimizerSettings
 from ruscarl_jax.rl.settings import GRPOSettings
 from ruscarl_jax.sampler.settings import SamplingSettings
+from ruscarl_jax.trainer import storage
 from ruscarl_jax.scaffold.message import ScaffoldWording
 from ruscarl_jax.scaffold.settings import STEP_RULES, ScaffoldSettings
 
@@ -26,6 +27,14 @@ from ruscarl_jax.scaffold.settings import STEP_RULES, ScaffoldSettings
 MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 WANDB_KEYS = ("enabled", "project", "entity", "name", "mode")
 WANDB_MODES = ("", "online", "offline", "disabled")
+
+
+TRAIN_SPLIT_HELP = (
+    "is required: the training split, a local path or gs:// URL of a JSONL file in HealthBench's shape "
+    "({\"prompt_id\", \"prompt\": [messages], \"rubrics\": [{\"criterion\", \"points\", \"tags\"}]} a line) or the "
+    "verl/RuscaRL parquet layout (columns prompt, reward_model). For the paper's HealthBench run it is HealthBench "
+    "(OpenAI simple-evals, 5000 examples) with the validation examples of healthbench_val400.jsonl held out (match on "
+    "prompt_id), as the RuscaRL reference builds it; set it with --config.data.train_path=... or HEALTHBENCH_TRAIN_PATH")
 
 
 class ConfigError(ValueError):
@@ -76,10 +85,20 @@ def wandb_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
     return options if options.pop("enabled", False) else None
 
 
-def resolve_path(path: str, base: pathlib.Path | None = None) -> pathlib.Path:
-    """Expand ~ and $VARS; relative paths are taken from the repository root (or `base`)."""
-    p = pathlib.Path(os.path.expandvars(os.path.expanduser(path)))
-    return p if p.is_absolute() else (base or pathlib.Path(__file__).resolve().parents[2]) / p
+def resolve_path(path: str, base: str | os.PathLike | None = None) -> epath.Path:
+    """A storage URL (gs://...) as is; a local path with ~ and $VARS expanded, relative ones taken from
+    the repository root (or `base`)."""
+    return storage.resolve_path(path, base)
+
+
+def check_storage(path: str, key: str, base: str | os.PathLike | None = None) -> epath.Path:
+    """`path` resolved (see resolve_path), after checking that a URL is well formed and its bucket
+    answers (ConfigError naming `key` and the URL otherwise)."""
+    try:
+        storage.check_url(os.path.expandvars(path), f"config.{key}")
+    except storage.StorageError as err:
+        raise ConfigError(str(err)) from None
+    return resolve_path(path, base)
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1) -> RunSettings:
@@ -100,6 +119,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     _require(model.get("architecture", "") not in MOE_ARCHITECTURES, "model.architecture",
              f"{model.get('architecture')} is a mixture-of-experts model; MoE is not supported yet (dense Qwen2/2.5/3 only)")
     if model["source"] == "hf":
+        _require(not storage.is_url(model.get("checkpoint_dir") or ""), "model.checkpoint_dir",
+                 f"must be a local directory (copy the checkpoint to the host first), got {model.get('checkpoint_dir')!r}")
         directory = resolve_path(model.get("checkpoint_dir") or "")
         _require(bool(model.get("checkpoint_dir")) and directory.is_dir(), "model.checkpoint_dir",
                  f"a Hugging Face checkpoint directory is required with model.source='hf'; got {model.get('checkpoint_dir')!r}")
@@ -125,9 +146,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     data = _section(config, "data")
     for key in ("train_path", "val_path"):
         if data.get(key):
-            path = resolve_path(data[key])
+            path = check_storage(data[key], f"data.{key}")
             _require(path.is_file(), f"data.{key}", f"file not found: {path}")
-    _require(bool(data.get("train_path")), "data.train_path", "is required")
+    _require(bool(data.get("train_path")), "data.train_path", TRAIN_SPLIT_HELP)
     batch = int(data.get("batch_size", 0))
     _require(batch >= 1, "data.batch_size", f"must be >= 1, got {batch}")
 

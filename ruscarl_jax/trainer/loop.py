@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pathlib
 import time
 from typing import Any
@@ -47,7 +48,7 @@ from ruscarl_jax.rl.train_step import make_grpo_step, make_reference
 from ruscarl_jax.sampler.generate import fold_step_key, generate
 from ruscarl_jax.scaffold.prompts import build_prompts, render_prompt
 from ruscarl_jax.trainer import config as config_lib
-from ruscarl_jax.trainer import distributed
+from ruscarl_jax.trainer import distributed, snapshot
 from ruscarl_jax.trainer.checkpoint import Checkpointer
 from ruscarl_jax.trainer.metrics import RunWriter, truncate_metrics
 from ruscarl_jax.trainer.preemption import StopSignal
@@ -149,13 +150,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     distributed.initialize(d.coordinator_address or None, d.num_processes or None,
                            d.process_id if d.process_id >= 0 else None, cpu_collectives=d.cpu_collectives or None)
     settings = config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
-    workdir = pathlib.Path(workdir)
+    workdir = config_lib.check_storage(os.fspath(workdir), "workdir", base=os.getcwd())
     mesh, rules = mesh_from_config(config), rules_from_config(config)
     generations, total = int(config.rollout.num_generations), int(config.trainer.total_steps)
 
     train_examples = load_data(config, "train_path")
     val_examples = load_data(config, "val_path")[: int(config.data.get("val_examples", 0)) or None]
-    cfg, params, tokenizer = load_policy(config, mesh, rules, train_examples + val_examples, settings.scaffold)
+    try:  # a resume uses the run's saved tokenizer and refuses a changed config
+        resumed = snapshot.check_config(config, workdir)
+    except snapshot.SnapshotMismatch as err:
+        raise config_lib.ConfigError(str(err)) from None
+    cfg, params, tokenizer = load_policy(config, mesh, rules, train_examples + val_examples, settings.scaffold,
+                                         tokenizer=snapshot.load_tokenizer(workdir) if resumed else None)
+    if not resumed and jax.process_index() == 0:
+        snapshot.write(config, tokenizer, workdir)
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     sampling = dataclasses.replace(settings.sampling, stop_token_ids=stops, pad_token_id=pad)
