@@ -114,8 +114,9 @@ def experts_forward(y: jax.Array, ids: jax.Array, weights: jax.Array, wg: jax.Ar
 
 def route(y: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool,
           forced: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(probs [B, T, X] float32, router's top-k ids [B, T, K], used ids, used weights [B, T, K] float32)."""
-    logits = jnp.einsum("bte,ex->btx", y, router.astype(y.dtype), preferred_element_type=jnp.float32)
+    """(probs [B, T, X] float32, router's top-k ids [B, T, K], used ids [B, T, K], their weights float32)."""
+    out_dtype = jnp.promote_types(y.dtype, jnp.float32)  # float32, or float64 under x64
+    logits = jnp.einsum("bte,ex->btx", y, router.astype(y.dtype), preferred_element_type=out_dtype)
     probs = jax.nn.softmax(logits, axis=-1)
     top_w, top_ids = jax.lax.top_k(probs, top_k)
     ids, w = top_ids, top_w

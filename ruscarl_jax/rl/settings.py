@@ -35,6 +35,10 @@ class GRPOSettings:
         [rows, chunk, vocab] float32 logits held at once, forward and backward).
     compute_dtype: dtype the float32 master parameters are cast to for forward/backward.
     ref_in_host_memory: keep the reference parameters in pinned host memory between steps.
+    router_aux_loss_coef: weight of the MoE load-balancing loss (transformers' load_balancing_loss_func);
+        0 (the default for RL fine-tuning) leaves it a metric only. Ignored by dense models.
+    routing_replay: MoE only: run the old-log-prob, reference and update forwards with the experts
+        each response token was routed to during the rollout (the batch's ``rollout_experts``).
     """
 
     clip_ratio_low: float = 0.2
@@ -56,6 +60,8 @@ class GRPOSettings:
     logprob_chunk_size: int = 256
     compute_dtype: str = "float32"
     ref_in_host_memory: bool = False
+    router_aux_loss_coef: float = 0.0
+    routing_replay: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
@@ -67,7 +73,7 @@ class GRPOSettings:
             raise bad("kl_estimator", f"valid: {list(KL_ESTIMATORS)}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise bad("compute_dtype", f"valid: {list(COMPUTE_DTYPES)}")
-        for field in ("clip_ratio_low", "clip_ratio_high", "kl_coef", "adv_epsilon"):
+        for field in ("clip_ratio_low", "clip_ratio_high", "kl_coef", "adv_epsilon", "router_aux_loss_coef"):
             if not getattr(self, field) >= 0:
                 raise bad(field, "must be >= 0")
         if not self.clip_ratio_c > 1:

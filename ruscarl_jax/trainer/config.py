@@ -15,15 +15,13 @@ from typing import Any
 import ml_collections
 
 from ruscarl_jax.judge.settings import JudgeSettings
-from ruscarl_jax.models.sharding import MESH_AXES
+from ruscarl_jax.models.sharding import MESH_AXES, check_expert_axis
 from ruscarl_jax.rl.optimizer import OptimizerSettings
 from ruscarl_jax.rl.settings import GRPOSettings
 from ruscarl_jax.sampler.settings import SamplingSettings
 from ruscarl_jax.scaffold.message import ScaffoldWording
 from ruscarl_jax.scaffold.settings import STEP_RULES, ScaffoldSettings
 
-
-MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 
 
 class ConfigError(ValueError):
@@ -74,6 +72,17 @@ def resolve_path(path: str, base: pathlib.Path | None = None) -> pathlib.Path:
     return p if p.is_absolute() else (base or pathlib.Path(__file__).resolve().parents[2]) / p
 
 
+def _checkpoint_experts(directory: pathlib.Path) -> int:
+    """num_experts of a Hugging Face checkpoint's config.json (0 for a dense model or no readable config)."""
+    import json
+
+    try:
+        hf = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0  # the loader reports a missing / broken config.json with its own message
+    return int(hf.get("num_experts", hf.get("num_local_experts")) or 0) if isinstance(hf, dict) else 0
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1) -> RunSettings:
     """Check the whole config; return each stage's frozen settings. Raises ConfigError naming the key."""
     trainer = _section(config, "trainer")
@@ -83,12 +92,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
 
     model = _section(config, "model")
     _require(model.get("source") in ("tiny", "hf"), "model.source", f"{model.get('source')!r} is not one of 'tiny', 'hf'")
-    _require(model.get("architecture", "") not in MOE_ARCHITECTURES, "model.architecture",
-             f"{model.get('architecture')} is a mixture-of-experts model; MoE is not supported yet (dense Qwen2/2.5/3 only)")
+    num_experts, experts_key = int((model.get("tiny") or {}).get("num_experts", 0) or 0), "model.tiny.num_experts"
     if model["source"] == "hf":
         directory = resolve_path(model.get("checkpoint_dir") or "")
         _require(bool(model.get("checkpoint_dir")) and directory.is_dir(), "model.checkpoint_dir",
                  f"a Hugging Face checkpoint directory is required with model.source='hf'; got {model.get('checkpoint_dir')!r}")
+        num_experts, experts_key = _checkpoint_experts(directory), "model.checkpoint_dir"
 
     optim = _section(config, "optim")
     _require(float(optim.get("learning_rate", 0)) > 0, "optim.learning_rate", f"must be > 0, got {optim.get('learning_rate')}")
@@ -127,6 +136,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     fits = num_devices % fixed == 0 if -1 in sizes.values() else fixed == num_devices
     _require(fits, "mesh", f"{sizes} does not fit {num_devices} devices")
     sizes = {a: (num_devices // fixed if s == -1 else s) for a, s in sizes.items()}
+    try:
+        check_expert_axis(num_experts, sizes["expert"])
+    except ValueError as err:
+        raise ConfigError(f"config.mesh.expert: {err} ({experts_key})") from None
     data_parallel = sizes["data"] * sizes["fsdp"]
     rows = batch * generations * process_count
     _require(rows % data_parallel == 0, "data.batch_size",
@@ -138,6 +151,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     _require(float(grpo["temperature"]) == float(sampling.temperature), "grpo.temperature",
              f"must equal rollout.temperature={sampling.temperature} (log-probs are taken at the sampling temperature)")
     grpo_settings = _build(GRPOSettings, grpo, "grpo")
+    _require(not grpo_settings.routing_replay or num_experts > 0, "grpo.routing_replay",
+             f"needs a mixture-of-experts model ({experts_key} has no experts)")
     try:
         grpo_settings.check_batch_size(rows)
     except ValueError as err:
