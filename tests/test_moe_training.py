@@ -58,7 +58,7 @@ def _rollout_experts(policy, params, batch):
     """The routing of the states that score the response (what the trainer records at rollout time)."""
     r = batch["response_mask"].shape[1]
     _, routing = policy.routed(params, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]), None)
-    return np.asarray(routing["experts"])[:, :, -r - 1:-1]
+    return np.array(routing["experts"])[:, :, -r - 1:-1]
 
 
 @pytest.mark.parametrize("replay", [False, True])

@@ -177,8 +177,10 @@ def _weight_map(cfg: qwen.QwenConfig) -> dict[tuple[str, ...], WeightSpec]:
 
 
 def _where(name: str) -> str:
-    """' (layer 3, expert 5)' for a per-layer / per-expert HF tensor name, '' otherwise."""
+    """' (layer 3, expert 5)' for a per-expert HF tensor name, '' otherwise."""
     parts = name.split(".")
+    if "experts" not in parts:
+        return ""
     found = [f"{word} {parts[i + 1]}" for i, word in enumerate(parts[:-1])
              if word in ("layers", "experts") and parts[i + 1].isdigit()]
     return f" ({', '.join(found).replace('layers', 'layer').replace('experts', 'expert')})" if found else ""
