@@ -233,3 +233,25 @@ def test_unsupported_moe_feature_names_the_key(key, value, tmp_path):
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(hf_io.CheckpointError, match=rf"config\.json: {key}={value!r} is not supported"):
         hf_io.load_checkpoint(directory)
+
+
+@pytest.mark.parametrize("impl", ["blocked", "megablox_interpret"])
+def test_grouped_matmul_impls_equal_ragged_dot(impl):
+    """The CPU block path and the TPU Pallas kernel (interpreted on CPU) against jax.lax.ragged_dot, with
+    empty groups and rows past the groups; values and gradients."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(37, 5)).astype(np.float32)
+    w = rng.normal(size=(4, 5, 3)).astype(np.float32)
+    sizes = jax.numpy.asarray([10, 0, 7, 15], jax.numpy.int32)  # 32 of 37 rows in groups
+    if impl == "megablox_interpret":
+        if moe._megablox_gmm() is None:
+            pytest.skip("this JAX has no megablox kernel")
+        fn = lambda x, w: moe._gmm_megablox(x, w, sizes, interpret=True)  # noqa: E731
+    else:
+        fn = lambda x, w: moe._gmm_blocked(x, w, sizes, block=4)  # noqa: E731
+    ref = lambda x, w: jax.lax.ragged_dot(x, w, sizes)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(fn(x, w)), np.asarray(ref(x, w)), atol=1e-5)
+    grads = jax.grad(lambda x, w: (fn(x, w) ** 2).sum(), argnums=(0, 1))(x, w)
+    expected = jax.grad(lambda x, w: (ref(x, w) ** 2).sum(), argnums=(0, 1))(x, w)
+    for a, b in zip(grads, expected):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

@@ -4,10 +4,11 @@ Maths (transformers' ``Qwen3MoeSparseMoeBlock``): router logits ``y @ W_r`` [tok
 softmax over the X experts, the top ``num_experts_per_tok`` probabilities (renormalised to sum to 1
 when ``norm_topk_prob``), and out = sum_k w_k * down_k(silu(gate_k(y)) * up_k(y)).
 
-Expert compute: the (token, slot) assignments are sorted by expert and run through
-``jax.lax.ragged_dot`` (one grouped matmul per projection, the expert weights stacked [X, ...]); on
-TPU the maintained Pallas kernel ``jax.experimental.pallas.ops.tpu.megablox.gmm`` is used instead.
-There is no Python loop over experts and no dense all-experts product.
+Expert compute: the (token, slot) assignments are sorted by expert and run through one grouped
+matmul per projection (the expert weights stacked [X, ...]), ``grouped_matmul``: the maintained
+Pallas kernel ``jax.experimental.pallas.ops.tpu.megablox.gmm`` on TPU, ``jax.lax.ragged_dot`` on GPU,
+and on CPU (where XLA lowers ragged_dot to a dense masked product over every group) fixed-size row
+blocks of one expert each. There is no Python loop over experts and no dense all-experts product.
 
 Expert parallelism: with a mesh, the grouped matmuls run under ``shard_map``. Each device holds
 X / |expert| experts (and, where it divides, a slice of moe_intermediate_size over ``tensor``), sees
@@ -37,9 +38,7 @@ DOWN_AXES = ("expert", "expert_mlp", "embed")
 
 
 def _megablox_gmm() -> Any:
-    """The Pallas grouped matmul on TPU, None elsewhere (or when this JAX lacks it)."""
-    if jax.default_backend() != "tpu":
-        return None
+    """The maintained Pallas grouped matmul (TPU), or None where this JAX lacks it."""
     try:
         from jax.experimental.pallas.ops.tpu.megablox import gmm
     except ImportError:  # pragma: no cover - depends on the installed JAX
@@ -47,17 +46,58 @@ def _megablox_gmm() -> Any:
     return gmm
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Rows of x [M, K] sorted by group times their group's matrix w [G, K, N]; rows past the groups give 0."""
-    gmm = _megablox_gmm()
-    if gmm is None:
-        return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=x.dtype)
+def _gmm_megablox(x: jax.Array, w: jax.Array, group_sizes: jax.Array, interpret: bool = False) -> jax.Array:
     m = x.shape[0]
     pad = -m % 128  # the kernel tiles rows by 128
-    xp = jnp.pad(x, ((0, pad), (0, 0)))
-    out = gmm(xp, w, group_sizes, preferred_element_type=x.dtype)[:m]
-    covered = jnp.arange(m) < jnp.sum(group_sizes)  # the kernel leaves rows past the groups unwritten
-    return jnp.where(covered[:, None], out, 0)
+    covered = (jnp.arange(m) < jnp.sum(group_sizes))[:, None]
+    x = jnp.where(covered, x, 0)  # the kernel leaves rows past the groups unwritten, forward and backward:
+    out = _megablox_gmm()(jnp.pad(x, ((0, pad), (0, 0))), w, group_sizes, preferred_element_type=x.dtype,
+                          interpret=interpret)[:m]
+    return jnp.where(covered, out, 0)  # these two wheres zero them (and their gradient)
+
+
+def _gmm_blocked(x: jax.Array, w: jax.Array, group_sizes: jax.Array, block: int = 64) -> jax.Array:
+    """Grouped matmul as fixed-size row blocks, each of one group: every group is padded to a multiple
+    of `block` rows, then a lax.map runs one [block, K] x [K, N] product per block (at most M / block + G
+    blocks). For backends whose ragged_dot is a dense masked product over all groups (XLA CPU)."""
+    m, g = x.shape[0], w.shape[0]
+    w = jnp.asarray(w)
+    block = max(1, min(block, m))
+    num_blocks = -(-m // block) + g
+    padded = -(-group_sizes // block) * block
+    start, pstart = jnp.cumsum(group_sizes) - group_sizes, jnp.cumsum(padded) - padded
+    rows = jnp.arange(m)
+    group = jnp.minimum(jnp.searchsorted(jnp.cumsum(group_sizes), rows, side="right"), g - 1)
+    inside = rows < jnp.sum(group_sizes)
+    dest = jnp.where(inside, pstart[group] + rows - start[group], num_blocks * block)  # past the end: dropped
+    xb = jnp.zeros((num_blocks * block, x.shape[1]), x.dtype).at[dest].set(x, mode="drop")
+    block_group = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_blocks) * block, side="right"), g - 1)
+    out = jax.lax.map(lambda args: args[0] @ w[args[1]], (xb.reshape(num_blocks, block, -1), block_group))
+    return jnp.take(out.reshape(num_blocks * block, -1), dest, axis=0, mode="fill", fill_value=0)
+
+
+GMM_IMPLS = ("ragged_dot", "blocked", "megablox")
+
+
+def default_gmm_impl() -> str:
+    """megablox on TPU, ragged_dot on GPU (XLA's grouped GEMM), blocked on CPU (whose ragged_dot
+    expands every group to a dense masked product: G times the work)."""
+    backend = jax.default_backend()
+    if backend == "tpu" and _megablox_gmm() is not None:
+        return "megablox"
+    return "blocked" if backend == "cpu" else "ragged_dot"
+
+
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str | None = None) -> jax.Array:
+    """Rows of x [M, K] sorted by group times their group's matrix w [G, K, N]; rows past the groups give 0."""
+    impl = impl or default_gmm_impl()
+    if impl == "megablox":
+        return _gmm_megablox(x, w, group_sizes)
+    if impl == "blocked":
+        return _gmm_blocked(x, w, group_sizes)
+    if impl == "ragged_dot":
+        return jax.lax.ragged_dot(x, w, group_sizes, preferred_element_type=x.dtype)
+    raise ValueError(f"grouped matmul impl={impl!r}; valid: {GMM_IMPLS}")
 
 
 def _local_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array,
