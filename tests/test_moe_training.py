@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from rl_toy import FAST_COMPILE, rollout_batch, toy_hidden, toy_params
+from rl_toy import FAST_COMPILE, assert_directional_derivatives, rollout_batch, toy_hidden, toy_params
 
 from ruscarl_jax.models import moe
 from ruscarl_jax.rl.logprobs import response_logprobs
@@ -85,14 +85,7 @@ def test_moe_grpo_loss_gradient_matches_finite_differences(replay):
         (_, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), compiler_options=FAST_COMPILE)(params)
         assert float(aux["load_balancing_loss"]) > 0 and 0 < float(aux["routing_mismatch"]) < 1
         assert float(jax.numpy.abs(grads["moe"]["router"]).max()) > 0  # the router learns (aux loss and weights)
-        loss = jax.jit(lambda p: loss_fn(p)[0], compiler_options=FAST_COMPILE)
-        flat, unravel = jax.flatten_util.ravel_pytree(params)
-        gflat = jax.flatten_util.ravel_pytree(grads)[0]
-        eps = 1e-6
-        for k in range(4):
-            d = jnp.asarray(np.random.default_rng(10 + k).normal(size=flat.shape))
-            fd = (loss(unravel(flat + eps * d)) - loss(unravel(flat - eps * d))) / (2 * eps)
-            np.testing.assert_allclose(float(fd), float(gflat @ d), rtol=1e-6, atol=1e-9)
+        assert_directional_derivatives(jax.jit(lambda p: loss_fn(p)[0], compiler_options=FAST_COMPILE), params, grads)
 
 
 def _step(settings):
@@ -169,3 +162,24 @@ def test_expert_axis_that_does_not_divide_is_a_config_error(tmp_path):
                   "--config.model.tiny.num_experts_per_tok=2", timeout=300)
     assert proc.returncode != 0
     assert "config.mesh.expert: the mesh's expert axis (2) does not divide num_experts (3)" in proc.stderr
+
+
+def _qwen3_30b_config(tmp_path, num_experts):
+    from configs import qwen3_30b_a3b
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3MoeForCausalLM"], "num_experts": num_experts}))
+    c = qwen3_30b_a3b.get_config()
+    c.model.checkpoint_dir = str(tmp_path)
+    c.data.train_path = "data/tiny/train.jsonl"
+    return c
+
+
+def test_qwen3_30b_a3b_config_validates_on_an_expert_mesh(tmp_path):
+    from ruscarl_jax.trainer import config as config_lib
+
+    c = _qwen3_30b_config(tmp_path, 128)
+    assert c.mesh.expert == 8 and c.grpo.router_aux_loss_coef == 0.0
+    config_lib.validate(c, num_devices=32)  # expert 8 x fsdp 4; no "MoE is not supported" any more
+    with pytest.raises(config_lib.ConfigError, match=r"config\.mesh\.expert: the mesh's expert axis \(8\) does not "
+                                                     r"divide num_experts \(12\) \(model\.checkpoint_dir\)"):
+        config_lib.validate(_qwen3_30b_config(tmp_path, 12), num_devices=32)
