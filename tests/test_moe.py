@@ -255,3 +255,28 @@ def test_grouped_matmul_impls_equal_ragged_dot(impl):
     expected = jax.grad(lambda x, w: (ref(x, w) ** 2).sum(), argnums=(0, 1))(x, w)
     for a, b in zip(grads, expected):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_remat_keeps_routing_and_gradients():
+    """Rematerialised layers (configs/qwen3_30b_a3b.py uses remat='full') sow the same routing and give the
+    same gradients, the load-balancing loss included."""
+    import dataclasses
+
+    cfg = qwen.QwenConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_layers=3, num_heads=2, num_kv_heads=1,
+                          head_dim=8, qkv_bias=False, qk_norm=True, num_experts=4, num_experts_per_tok=2,
+                          moe_intermediate_size=8, mlp_only_layers=(1,))
+    params = qwen.init_params(cfg, jax.random.key(0))
+    tokens = jax.numpy.asarray(np.random.default_rng(0).integers(1, 50, (2, 5)), jax.numpy.int32)
+    mask = jax.numpy.ones((2, 5), jax.numpy.int32)
+
+    def grads(c):
+        def loss(p):
+            hidden, routing = qwen.forward_routed(p, c, tokens, mask)
+            return (hidden ** 2).mean() + routing["load_balancing_loss"], routing
+        return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+    g0, r0 = grads(cfg)
+    g1, r1 = grads(dataclasses.replace(cfg, remat="full"))
+    np.testing.assert_array_equal(np.asarray(r0["experts"]), np.asarray(r1["experts"]))
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)

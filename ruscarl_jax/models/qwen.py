@@ -297,19 +297,18 @@ def forward_routed(params: Params, cfg: QwenConfig, tokens: jax.Array, attention
     variables: dict[str, Any] = {"params": params}
     if forced_experts is not None:
         per_layer = jnp.moveaxis(jnp.asarray(forced_experts, jnp.int32), 1, 0)
-        variables["routing"] = {name: {"mlp": {"forced": per_layer[a:b]}}
-                                for name, a, b, sparse in cfg.layer_segments if sparse}
+        variables["routing"] = {name: {"mlp": {"forced": per_layer[start:end]}}
+                                for name, start, end, sparse in cfg.layer_segments if sparse}
     (hidden, _), state = Qwen(cfg, mesh, rules).apply(variables, tokens, positions, attention_mask,
                                                       mutable=["intermediates"])
-    b, t = tokens.shape
     experts, stats = [], []
-    for name, a, b_, sparse in cfg.layer_segments:
+    for name, start, end, sparse in cfg.layer_segments:
         if sparse:
             sown = state["intermediates"][name]["mlp"]
             experts.append(sown["experts"][0])
             stats.append(sown["stats"][0])
         else:
-            experts.append(jnp.full((b_ - a, b, t, cfg.num_experts_per_tok), -1, jnp.int32))
+            experts.append(jnp.full((end - start,) + tokens.shape + (cfg.num_experts_per_tok,), -1, jnp.int32))
     routing = moe.summarize(jax.tree.map(lambda *s: jnp.concatenate(s), *stats), cfg.num_experts)
     routing["experts"] = jnp.moveaxis(jnp.concatenate(experts), 0, 1)
     return hidden, routing
