@@ -165,23 +165,29 @@ def test_round_trip_through_transformers(loaded, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)
 
 
-@pytest.mark.parametrize("axes", [dict(expert=4, fsdp=2), dict(expert=2, tensor=2, fsdp=2)])
-def test_expert_sharded_logits_equal_one_device(axes, loaded):
+# the third layout also splits the batch over the expert axis outside the MoE blocks
+BATCH_OVER_EXPERT = tuple((n, ("data", "fsdp", "expert")) if n == "batch" else (n, a) for n, a in DEFAULT_RULES)
+
+
+@pytest.mark.parametrize("axes,rules", [(dict(expert=4, fsdp=2), DEFAULT_RULES),
+                                        (dict(expert=2, tensor=2, fsdp=2), DEFAULT_RULES),
+                                        (dict(expert=4, fsdp=2), BATCH_OVER_EXPERT)])
+def test_expert_sharded_logits_equal_one_device(axes, rules, loaded):
     assert len(jax.devices()) == 8
     _, directory, cfg, params = loaded("moe_top3of8_tied")
     mesh = make_mesh(axes)
-    _, sharded = hf_io.load_checkpoint(directory, mesh=mesh)
+    _, sharded = hf_io.load_checkpoint(directory, mesh=mesh, rules=rules)
     tokens, mask = left_padded_batch(cfg.vocab_size, [9, 4, 1, 7, 3, 8, 2, 5])
     ref = np.asarray(jax.jit(lambda p: qwen.compute_logits(p, cfg, tokens, mask))(params))
-    out = jax.jit(lambda p: qwen.compute_logits(p, cfg, tokens, mask, mesh=mesh))(sharded)
+    out = jax.jit(lambda p: qwen.compute_logits(p, cfg, tokens, mask, mesh=mesh, rules=rules))(sharded)
     assert _masked_max_diff(out, ref, mask) < 1e-5
     # the expert weights really are split over the expert axis (and their hidden dim over tensor)
     gate = sharded["layers"]["mlp"]["gate_proj"]  # [L, X, E, F] = layers, expert, embed, expert_mlp
-    assert gate.sharding.spec == logical_to_spec(("layers",) + moe.GATE_UP_AXES, gate.shape, mesh, DEFAULT_RULES)
+    assert gate.sharding.spec == logical_to_spec(("layers",) + moe.GATE_UP_AXES, gate.shape, mesh, rules)
     tensor = axes.get("tensor", 1)
     assert gate.addressable_shards[0].data.shape == (2, 8 // axes["expert"], 32 // 2, 16 // tensor)
     # gradients through the expert-parallel block equal one device's
-    loss = lambda p, m: qwen.compute_logits(p, cfg, tokens, mask, mesh=m).std()  # noqa: E731
+    loss = lambda p, m: qwen.compute_logits(p, cfg, tokens, mask, mesh=m, rules=rules).std()  # noqa: E731
     g1 = jax.jit(jax.grad(lambda p: loss(p, None)))(params)
     g8 = jax.jit(jax.grad(lambda p: loss(p, mesh)))(sharded)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6), g1, g8)

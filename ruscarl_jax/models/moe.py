@@ -14,7 +14,9 @@ Expert parallelism: with a mesh, the grouped matmuls run under ``shard_map``. Ea
 X / |expert| experts (and, where it divides, a slice of moe_intermediate_size over ``tensor``), sees
 the tokens of its batch shard, computes the assignments that fall on its experts, and a psum over the
 expert (and tensor) axes adds the partial outputs. Tokens are not exchanged (no all-to-all): the
-batch is replicated over the expert axis inside the block.
+batch is replicated over the expert axis inside the block (a rules table that also splits the batch
+over ``expert`` gets it all-gathered at the block's boundary). A dispatch by ragged all-to-all, which
+sends each token only to its experts' devices, is the next step for large expert axes.
 
 Routing replay: ``forced`` [B, T, K] expert indices (-1 = route freely) replace the router's choice
 for a token; the weights are still the router's probabilities of the forced experts, so the router

@@ -8,8 +8,9 @@ carried through the layer scan and only the new token's key / value are written 
 cache is laid out [L, N, KVH, S, D] (logical axes ``DECODE_CACHE_AXES``: batch over data / fsdp,
 KV heads over tensor where divisible) so attention reads it as stored. The arithmetic is the
 model's own, layer for layer (RMSNorm in float32, q/k norm for Qwen3, RoPE from ``qwen.rope``,
-grouped-query attention, SwiGLU), in ``cfg.dtype`` with float32 softmax and logits; the tests check
-it against transformers and against the model's full forward pass.
+grouped-query attention, SwiGLU or, in Qwen3-MoE sparse layers, ``moe.sparse_mlp``), in ``cfg.dtype``
+with float32 softmax and logits; the tests check it against transformers and against the model's full
+forward pass.
 """
 from __future__ import annotations
 
