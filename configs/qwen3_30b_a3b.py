@@ -3,7 +3,9 @@ HealthBench variant, with the RuscaRL settings of configs/qwen7b.py (n = 8, lr 1
 low_var_kl, temperature 0.7 / top-p 0.8 / top-k 20, step_sigmoid scaffolding, 4096 + 4096 tokens).
 
 Mesh: experts over `expert` (8-way: 16 experts per device), everything else ZeRO-3 over `fsdp`
-(the rest of the devices), e.g. a v5p-64 / 32 chips = expert 8 x fsdp 4. The router load-balancing
+(the rest of the devices), e.g. a v5p-64 / 32 chips = expert 8 x fsdp 4. Rows are split over
+data x fsdp x expert, so attention is not repeated on the expert axis; each MoE block all-gathers the
+rows of its expert group and reduce-scatters its output (models/moe.py). The router load-balancing
 loss is off (a metric only), as usual for RL fine-tuning; routing replay is available with
 --config.grpo.routing_replay=True.
 
@@ -20,5 +22,7 @@ def get_config():
     c.workdir = "runs/qwen3_30b_a3b"
     c.model.checkpoint_dir = os.environ.get("QWEN3_30B_A3B_DIR", "")
     c.mesh.update(dict(data=1, fsdp=-1, expert=8, tensor=1))
+    c.sharding_rules = tuple((name, ("data", "fsdp", "expert")) if name == "batch" else (name, axes)
+                             for name, axes in c.sharding_rules)
     c.grpo.update(dict(router_aux_loss_coef=0.0, routing_replay=False))
     return c

@@ -183,3 +183,14 @@ def test_qwen3_30b_a3b_config_validates_on_an_expert_mesh(tmp_path):
     with pytest.raises(config_lib.ConfigError, match=r"config\.mesh\.expert: the mesh's expert axis \(8\) does not "
                                                      r"divide num_experts \(12\) \(model\.checkpoint_dir\)"):
         config_lib.validate(_qwen3_30b_config(tmp_path, 12), num_devices=32)
+
+
+def test_rows_must_divide_the_batch_rule_axes(tmp_path):
+    from ruscarl_jax.trainer import config as config_lib
+
+    c = _qwen3_30b_config(tmp_path, 128)  # batch over data x fsdp x expert = 1 x 4 x 8 on 32 devices
+    c.data.batch_size, c.grpo.ppo_mini_batch_size, c.grpo.ppo_micro_batch_size = 2, 16, 8
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.batch_size: 2 prompts x 8 generations x 1 processes "
+                                                     r"= 16 rows, which do not divide across the 32 data-parallel "
+                                                     r"devices \(mesh data x fsdp x expert"):
+        config_lib.validate(c, num_devices=32)

@@ -14,8 +14,9 @@ Expert parallelism: with a mesh, the grouped matmuls run under ``shard_map``. Ea
 X / |expert| experts (and, where it divides, a slice of moe_intermediate_size over ``tensor``), sees
 the tokens of its batch shard, computes the assignments that fall on its experts, and a psum over the
 expert (and tensor) axes adds the partial outputs. Tokens are not exchanged (no all-to-all): the
-batch is replicated over the expert axis inside the block (a rules table that also splits the batch
-over ``expert`` gets it all-gathered at the block's boundary). A dispatch by ragged all-to-all, which
+rows of an expert group are all-gathered into the block and the outputs reduce-scattered back when the
+rules split the batch over ``expert`` too; otherwise the batch is replicated over the expert axis and
+the outputs psum-ed. A dispatch by ragged all-to-all, which
 sends each token only to its experts' devices, is the next step for large expert axes.
 
 Routing replay: ``forced`` [B, T, K] expert indices (-1 = route freely) replace the router's choice
@@ -142,13 +143,19 @@ def experts_forward(y: jax.Array, ids: jax.Array, weights: jax.Array, wg: jax.Ar
     expert_axes, mlp_axes = _axes(g_spec[0]), _axes(g_spec[2])
     reduce_axes = expert_axes + mlp_axes
     batch_spec = logical_to_spec(("batch", None, None), y.shape, mesh, rules)
-    batch_axes = tuple(a for a in _axes(batch_spec[0] if len(batch_spec) else None) if a not in reduce_axes)
+    batch_axes = _axes(batch_spec[0] if len(batch_spec) else None)
+    gathered = tuple(a for a in batch_axes if a in reduce_axes)  # rows split over the expert (tensor) axis
+    summed = tuple(a for a in reduce_axes if a not in gathered)
     row = PartitionSpec(batch_axes or None)
 
     def local(y, ids, weights, wg, wu, wd):
+        if gathered:  # every expert shard needs the rows of its whole expert group
+            y, ids, weights = (jax.lax.all_gather(z, gathered, axis=0, tiled=True) for z in (y, ids, weights))
         first = jax.lax.axis_index(expert_axes) * wg.shape[0] if expert_axes else 0
         out = _local_experts(flat(y), flat(ids), flat(weights), wg, wu, wd, first).reshape(y.shape)
-        return jax.lax.psum(out, reduce_axes) if reduce_axes else out
+        if gathered:  # add the expert shards' partial outputs and hand each device back its own rows
+            out = jax.lax.psum_scatter(out, gathered, scatter_dimension=0, tiled=True)
+        return jax.lax.psum(out, summed) if summed else out
 
     return jax.shard_map(local, mesh=mesh, in_specs=(row, row, row, PartitionSpec(*g_spec), PartitionSpec(*g_spec), d_spec),
                          out_specs=row, check_vma=False)(y, ids, weights, wg, wu, wd)

@@ -140,11 +140,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
         check_expert_axis(num_experts, sizes["expert"])
     except ValueError as err:
         raise ConfigError(f"config.mesh.expert: {err} ({experts_key})") from None
-    data_parallel = sizes["data"] * sizes["fsdp"]
+    batch_rule = dict((name, axes) for name, axes in config.get("sharding_rules", ())).get("batch", ("data", "fsdp"))
+    batch_axes = [] if batch_rule is None else [batch_rule] if isinstance(batch_rule, str) else list(batch_rule)
+    data_parallel = math.prod(sizes.get(a, 1) for a in batch_axes)
     rows = batch * generations * process_count
     _require(rows % data_parallel == 0, "data.batch_size",
              f"{batch} prompts x {generations} generations x {process_count} processes = {rows} rows, "
-             f"which do not divide across the {data_parallel} data-parallel devices (mesh data x fsdp)")
+             f"which do not divide across the {data_parallel} data-parallel devices (mesh {' x '.join(batch_axes)}, "
+             "the axes of the 'batch' sharding rule)")
 
     grpo = _section(config, "grpo")
     grpo.setdefault("temperature", sampling.temperature)
