@@ -15,6 +15,7 @@ loss is off (a metric only), as usual for RL fine-tuning; routing replay is avai
 import os
 
 from configs import qwen7b
+from ruscarl_jax.models.sharding import rows_over_expert
 
 
 def get_config():
@@ -22,7 +23,6 @@ def get_config():
     c.workdir = "runs/qwen3_30b_a3b"
     c.model.checkpoint_dir = os.environ.get("QWEN3_30B_A3B_DIR", "")
     c.mesh.update(dict(data=1, fsdp=-1, expert=8, tensor=1))
-    c.sharding_rules = tuple((name, ("data", "fsdp", "expert")) if name == "batch" else (name, axes)
-                             for name, axes in c.sharding_rules)
+    c.sharding_rules = rows_over_expert(c.sharding_rules)
     c.grpo.update(dict(router_aux_loss_coef=0.0, routing_replay=False))
     return c

@@ -10,7 +10,7 @@ import transformers
 from model_fixtures import MOE_SHAPES, hf_logits, left_padded_batch, make_hf_model, save_hf_model
 
 from ruscarl_jax.models import hf_io, moe, qwen
-from ruscarl_jax.models.sharding import DEFAULT_RULES, logical_to_spec, make_mesh
+from ruscarl_jax.models.sharding import DEFAULT_RULES, logical_to_spec, make_mesh, rows_over_expert
 from ruscarl_jax.sampler.generate import generate
 from ruscarl_jax.sampler.settings import SamplingSettings
 
@@ -170,7 +170,7 @@ def test_round_trip_through_transformers(loaded, tmp_path):
 
 
 # the third layout also splits the batch over the expert axis outside the MoE blocks
-BATCH_OVER_EXPERT = tuple((n, ("data", "fsdp", "expert")) if n == "batch" else (n, a) for n, a in DEFAULT_RULES)
+BATCH_OVER_EXPERT = rows_over_expert(DEFAULT_RULES)
 
 
 @pytest.mark.parametrize("axes,rules", [(dict(expert=4, fsdp=2), DEFAULT_RULES),

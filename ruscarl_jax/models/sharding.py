@@ -70,6 +70,12 @@ def make_mesh(shape: dict[str, int] | Sequence[tuple[str, int]], devices: Sequen
     return Mesh(grid, MESH_AXES)
 
 
+def rows_over_expert(rules: Rules) -> Rules:
+    """The rules with the batch also split over the expert axis (data x fsdp x expert): attention and the
+    dense layers then do not repeat work across expert shards; each MoE block gathers its rows."""
+    return tuple((name, ("data", "fsdp", "expert")) if name == "batch" else (name, axes) for name, axes in rules)
+
+
 def check_expert_axis(num_experts: int, expert_axis: int) -> None:
     """An expert axis must split the experts evenly (each device holds whole experts)."""
     if num_experts and num_experts % expert_axis:
