@@ -351,9 +351,7 @@ def compute_logits(params: Params, cfg: QwenConfig, tokens: jax.Array, attention
 
 def param_shardings(cfg: QwenConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Params:
     """NamedShardings of every parameter, from its logical axes and the rules."""
-    from ruscarl_jax.models.sharding import tree_shardings
-
-    from ruscarl_jax.models.sharding import check_expert_axis
+    from ruscarl_jax.models.sharding import check_expert_axis, tree_shardings
 
     check_expert_axis(cfg.num_experts, mesh.shape.get("expert", 1))
     shapes = jax.tree.map(lambda s: s.shape, param_shapes(cfg))

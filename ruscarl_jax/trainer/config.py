@@ -7,6 +7,7 @@ every section and the cross-section rules, and raises ConfigError naming the off
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import pathlib
@@ -21,7 +22,6 @@ from ruscarl_jax.rl.settings import GRPOSettings
 from ruscarl_jax.sampler.settings import SamplingSettings
 from ruscarl_jax.scaffold.message import ScaffoldWording
 from ruscarl_jax.scaffold.settings import STEP_RULES, ScaffoldSettings
-
 
 
 class ConfigError(ValueError):
@@ -74,8 +74,6 @@ def resolve_path(path: str, base: pathlib.Path | None = None) -> pathlib.Path:
 
 def _checkpoint_experts(directory: pathlib.Path) -> int:
     """num_experts of a Hugging Face checkpoint's config.json (0 for a dense model or no readable config)."""
-    import json
-
     try:
         hf = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError):
