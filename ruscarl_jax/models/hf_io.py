@@ -28,7 +28,8 @@ SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwe
 # MoE features of neighbouring architectures that this model does not implement: (key, value allowed)
 UNSUPPORTED_MOE_KEYS = (("shared_expert_intermediate_size", (None, 0)), ("n_shared_experts", (None, 0)),
                         ("num_shared_experts", (None, 0)), ("scoring_func", (None, "softmax")),
-                        ("topk_method", (None, "greedy")), ("n_group", (None, 1)), ("router_jitter_noise", (None, 0, 0.0)),
+                        ("topk_method", (None, "greedy")), ("n_group", (None, 1)),
+                        ("router_jitter_noise", (None, 0, 0.0)),
                         ("hidden_act", (None, "silu")))
 
 
@@ -170,7 +171,8 @@ def _weight_map(cfg: qwen.QwenConfig) -> dict[tuple[str, ...], WeightSpec]:
         if cfg.qk_norm:
             per_layer[("q_norm", "scale")] = ("self_attn.q_norm.weight", "copy")
             per_layer[("k_norm", "scale")] = ("self_attn.k_norm.weight", "copy")
-        table.update({(stack,) + path: WeightSpec(layer + name, kind, first) for path, (name, kind) in per_layer.items()})
+        table.update({(stack,) + path: WeightSpec(layer + name, kind, first)
+                      for path, (name, kind) in per_layer.items()})
     if not cfg.tie_word_embeddings:
         table[("lm_head",)] = WeightSpec("lm_head.weight", "T")
     return table

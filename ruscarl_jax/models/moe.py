@@ -157,7 +157,8 @@ def experts_forward(y: jax.Array, ids: jax.Array, weights: jax.Array, wg: jax.Ar
             out = jax.lax.psum_scatter(out, gathered, scatter_dimension=0, tiled=True)
         return jax.lax.psum(out, summed) if summed else out
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(row, row, row, PartitionSpec(*g_spec), PartitionSpec(*g_spec), d_spec),
+    specs = (row, row, row, PartitionSpec(*g_spec), PartitionSpec(*g_spec), d_spec)
+    return jax.shard_map(local, mesh=mesh, in_specs=specs,
                          out_specs=row, check_vma=False)(y, ids, weights, wg, wu, wd)
 
 
@@ -222,7 +223,8 @@ class SparseMoe(nn.Module):
         p = {name: self.param(name, nn.with_logical_partitioning(init, axes), shape, pdtype)
              for name, (axes, shape) in shapes.items()}
         forced = self.get_variable("routing", "forced") if self.has_variable("routing", "forced") else None
-        out, top_ids, stats = sparse_mlp(p, y, cfg, forced=forced, token_mask=token_mask, mesh=self.mesh, rules=self.rules)
+        out, top_ids, stats = sparse_mlp(p, y, cfg, forced=forced, token_mask=token_mask, mesh=self.mesh,
+                                         rules=self.rules)
         self.sow("intermediates", "experts", top_ids)
         self.sow("intermediates", "stats", stats)
         return out
