@@ -19,7 +19,10 @@ def get_config() -> ml_collections.ConfigDict:
         checkpoint_dir="", trust_remote_code=False,
         dtype="float32", param_dtype="float32", remat="none",
         tiny=dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                  rope_theta=10000.0, tie_word_embeddings=True, vocab_size=1024),
+                  rope_theta=10000.0, tie_word_embeddings=True, vocab_size=1024,
+                  # Qwen3-MoE (configs/tiny_moe.py): num_experts=0 is a dense model
+                  num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0, norm_topk_prob=False,
+                  decoder_sparse_step=1, mlp_only_layers=()),
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding_rules = tuple(DEFAULT_RULES)
@@ -59,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
         rollout_rs_threshold_lower=placeholder(float), rollout_correction_scope="scaffolded",
         gap_thresholds=(0.1, 1.0),  # |log-ratio| thresholds of the scaffold_gap/*/frac_abs_gt_* metrics
         filter_zero_std_groups=False, mask_truncated=False,
+        router_aux_loss_coef=0.0, routing_replay=False,  # MoE only (see rl/settings.py)
     ))
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, weight_decay=0.0, max_grad_norm=1.0, schedule="constant", warmup_steps=0,

@@ -123,7 +123,7 @@ def _edit_config(directory, **changes):
 def test_unsupported_architecture_is_named(tmp_path):
     directory = _save(tmp_path)
     _edit_config(directory, architectures=["LlamaForCausalLM"])
-    with pytest.raises(hf_io.CheckpointError, match=r"LlamaForCausalLM.*supported: \['Qwen2ForCausalLM', 'Qwen3ForCausalLM'\]"):
+    with pytest.raises(hf_io.CheckpointError, match=r"LlamaForCausalLM.*supported: \['Qwen2ForCausalLM', 'Qwen3ForCausalLM', 'Qwen3MoeForCausalLM'\]"):
         hf_io.load_checkpoint(directory)
 
 
@@ -171,4 +171,4 @@ def test_mesh_that_does_not_divide_devices_names_sizes():
         make_mesh({"data": 1, "fsdp": 3, "tensor": 2})
     with pytest.raises(ValueError, match=r"8 devices cannot be split"):
         make_mesh({"data": -1, "fsdp": 3, "tensor": 1})
-    assert dict(make_mesh({"data": -1, "tensor": 2}).shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert dict(make_mesh({"data": -1, "tensor": 2}).shape) == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 2}

@@ -7,6 +7,13 @@ The parameters are a plain dict pytree; `forward` and `forward_cached` are pure 
 Qwen2/2.5: q/k/v projections with bias, no q/k norm, head_dim = hidden / heads.
 Qwen3 dense: no q/k/v bias, RMSNorm on each head of q and k before RoPE, head_dim set independently.
 Both: grouped-query attention, RoPE (rotate-half form), SwiGLU MLP, RMSNorm, tied or untied embeddings.
+Qwen3-MoE: Qwen3 attention; the MLP of the layers that ``QwenConfig.sparse_layers`` marks is
+``moe.SparseMoe`` (router + experts as a grouped matmul) instead of the dense SwiGLU.
+
+Mixed dense / sparse layers (``mlp_only_layers``, ``decoder_sparse_step``): the layers are cut into
+contiguous runs of one kind (``layer_segments``), each run one ``nn.scan`` stack. A model with one kind
+of layer (every dense model; Qwen3-30B-A3B) has one stack named ``layers``; otherwise the stacks are
+``layers_0``, ``layers_1``, ... in order, and the KV cache [L, ...] is sliced per run.
 
 Attention takes a key mask and per-token positions, so left-padded batches (the normal case in RL)
 work: positions are ``cumsum(mask) - 1`` unless given.
@@ -21,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from ruscarl_jax.models import moe
 from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules, constrain
 
 Params = dict[str, Any]
@@ -52,8 +60,22 @@ class QwenConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"  # storage dtype of the parameters
     remat: str = "none"  # none | full | dots
+    # Qwen3-MoE (num_experts = 0: dense MLP everywhere)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
+        if self.num_experts:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]")
+            if self.moe_intermediate_size < 1 or self.decoder_sparse_step < 1:
+                raise ValueError(f"moe_intermediate_size={self.moe_intermediate_size} and decoder_sparse_step="
+                                 f"{self.decoder_sparse_step} must be >= 1 with num_experts={self.num_experts}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.remat not in REMAT_POLICIES:
@@ -63,11 +85,34 @@ class QwenConfig:
                 raise ValueError(f"{field}={getattr(self, field)!r}; valid: float32, bfloat16")
 
     @property
+    def sparse_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether its MLP is the sparse MoE block (transformers' Qwen3MoeDecoderLayer rule)."""
+        return tuple(self.num_experts > 0 and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+                     for i in range(self.num_layers))
+
+    @property
+    def layer_segments(self) -> tuple[tuple[str, int, int, bool], ...]:
+        """(param name, first layer, end layer, sparse) of each contiguous run of same-kind layers."""
+        runs: list[list] = []
+        for i, sparse in enumerate(self.sparse_layers):
+            if runs and runs[-1][2] == sparse:
+                runs[-1][1] = i + 1
+            else:
+                runs.append([i, i + 1, sparse])
+        names = ["layers"] if len(runs) == 1 else [f"layers_{j}" for j in range(len(runs))]
+        return tuple((name, a, b, sparse) for name, (a, b, sparse) in zip(names, runs))
+
+    @property
+    def is_moe(self) -> bool:
+        return any(self.sparse_layers)
+
+    @property
     def num_params(self) -> int:
         e, f, h, k, d = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
         attn = e * (h + 2 * k) * d + h * d * e + (h + 2 * k) * d * self.qkv_bias + 2 * d * self.qk_norm
-        layer = attn + 3 * e * f + 2 * e
-        return self.num_layers * layer + self.vocab_size * e * (1 if self.tie_word_embeddings else 2) + e
+        sparse = sum(self.sparse_layers)
+        mlps = (self.num_layers - sparse) * 3 * e * f + sparse * self.num_experts * (3 * e * self.moe_intermediate_size + e)
+        return self.num_layers * (attn + 2 * e) + mlps + self.vocab_size * e * (1 if self.tie_word_embeddings else 2) + e
 
 
 def _dt(name: str) -> jnp.dtype:
@@ -115,6 +160,7 @@ class Block(nn.Module):
     cfg: QwenConfig
     mesh: Mesh | None = None
     rules: Rules = DEFAULT_RULES
+    sparse: bool = False  # the MLP is moe.SparseMoe
 
     @nn.compact
     def __call__(self, x, positions, kv_mask, write_index, layer_cache):
@@ -151,6 +197,9 @@ class Block(nn.Module):
         x = constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules)
 
         y = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="post_attention_norm")(x)
+        if self.sparse:  # routing statistics count the real tokens of a full forward
+            x = x + moe.SparseMoe(cfg, self.mesh, self.rules, name="mlp")(y, kv_mask if layer_cache is None else None)
+            return constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules), layer_cache
         gate = _dense(cfg.intermediate_size, -1, ("embed", "mlp"), cfg, False, "gate_proj")(y)
         up = _dense(cfg.intermediate_size, -1, ("embed", "mlp"), cfg, False, "up_proj")(y)
         mlp = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"), self.mesh, self.rules)
@@ -173,10 +222,11 @@ class Qwen(nn.Module):
         block = Block
         if cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        self.layers = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.mesh, self.rules, name="layers")
+        self.stacks = [nn.scan(
+            block, variable_axes={"params": 0, "intermediates": 0, "routing": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=end - start,
+            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.mesh, self.rules, sparse, name=name)
+            for name, start, end, sparse in cfg.layer_segments]
         self.final_norm = RMSNorm(cfg.rms_norm_eps, _dt(cfg.dtype), _dt(cfg.param_dtype))
         if not cfg.tie_word_embeddings:
             self.lm_head = self.param("lm_head", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
@@ -184,7 +234,15 @@ class Qwen(nn.Module):
 
     def __call__(self, tokens, positions, kv_mask, write_index=0, cache=None):
         x = constrain(self.embed(tokens), ("batch", "length", "act_embed"), self.mesh, self.rules)
-        x, cache = self.layers(x, positions, kv_mask, write_index, cache)
+        if len(self.stacks) == 1:
+            x, cache = self.stacks[0](x, positions, kv_mask, write_index, cache)
+            return self.final_norm(x), cache
+        caches = []
+        for stack, (_, start, end, _) in zip(self.stacks, self.cfg.layer_segments):
+            x, part = stack(x, positions, kv_mask, write_index, None if cache is None else
+                            jax.tree.map(lambda c: c[start:end], cache))
+            caches.append(part)
+        cache = None if cache is None else jax.tree.map(lambda *c: jnp.concatenate(c), *caches)
         return self.final_norm(x), cache
 
     def output_embedding(self) -> jax.Array:
@@ -224,6 +282,38 @@ def forward(params: Params, cfg: QwenConfig, tokens: jax.Array, attention_mask: 
     return hidden
 
 
+def forward_routed(params: Params, cfg: QwenConfig, tokens: jax.Array, attention_mask: jax.Array,
+                   positions: jax.Array | None = None, *, forced_experts: jax.Array | None = None,
+                   mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Final hidden states and the MoE routing of a padded batch: (hidden [B, T, E], routing).
+
+    forced_experts [B, L, T, K] (int, -1 = the router chooses) replaces the router's expert choice per
+    token and layer (routing replay). routing holds "experts" [B, L, T, K], the router's own top-k
+    per layer (-1 in dense layers), and moe.summarize's metrics over the real tokens.
+    """
+    if not cfg.is_moe:
+        raise ValueError("forward_routed: the model has no sparse MoE layer (num_experts=0)")
+    positions = default_positions(attention_mask) if positions is None else positions
+    variables: dict[str, Any] = {"params": params}
+    if forced_experts is not None:
+        per_layer = jnp.moveaxis(jnp.asarray(forced_experts, jnp.int32), 1, 0)
+        variables["routing"] = {name: {"mlp": {"forced": per_layer[start:end]}}
+                                for name, start, end, sparse in cfg.layer_segments if sparse}
+    (hidden, _), state = Qwen(cfg, mesh, rules).apply(variables, tokens, positions, attention_mask,
+                                                      mutable=["intermediates"])
+    experts, stats = [], []
+    for name, start, end, sparse in cfg.layer_segments:
+        if sparse:
+            sown = state["intermediates"][name]["mlp"]
+            experts.append(sown["experts"][0])
+            stats.append(sown["stats"][0])
+        else:
+            experts.append(jnp.full((end - start,) + tokens.shape + (cfg.num_experts_per_tok,), -1, jnp.int32))
+    routing = moe.summarize(jax.tree.map(lambda *s: jnp.concatenate(s), *stats), cfg.num_experts)
+    routing["experts"] = jnp.moveaxis(jnp.concatenate(experts), 0, 1)
+    return hidden, routing
+
+
 def forward_cached(params: Params, cfg: QwenConfig, tokens: jax.Array, positions: jax.Array, cache: Cache,
                    kv_mask: jax.Array, write_index: jax.Array | int, *, mesh: Mesh | None = None,
                    rules: Rules = DEFAULT_RULES) -> tuple[jax.Array, Cache]:
@@ -261,8 +351,9 @@ def compute_logits(params: Params, cfg: QwenConfig, tokens: jax.Array, attention
 
 def param_shardings(cfg: QwenConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Params:
     """NamedShardings of every parameter, from its logical axes and the rules."""
-    from ruscarl_jax.models.sharding import tree_shardings
+    from ruscarl_jax.models.sharding import check_expert_axis, tree_shardings
 
+    check_expert_axis(cfg.num_experts, mesh.shape.get("expert", 1))
     shapes = jax.tree.map(lambda s: s.shape, param_shapes(cfg))
     return tree_shardings(param_logical_axes(cfg), shapes, mesh, rules)
 

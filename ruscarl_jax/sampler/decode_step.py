@@ -8,8 +8,9 @@ carried through the layer scan and only the new token's key / value are written 
 cache is laid out [L, N, KVH, S, D] (logical axes ``DECODE_CACHE_AXES``: batch over data / fsdp,
 KV heads over tensor where divisible) so attention reads it as stored. The arithmetic is the
 model's own, layer for layer (RMSNorm in float32, q/k norm for Qwen3, RoPE from ``qwen.rope``,
-grouped-query attention, SwiGLU), in ``cfg.dtype`` with float32 softmax and logits; the tests check
-it against transformers and against the model's full forward pass.
+grouped-query attention, SwiGLU or, in Qwen3-MoE sparse layers, ``moe.sparse_mlp``), in ``cfg.dtype``
+with float32 softmax and logits; the tests check it against transformers and against the model's full
+forward pass.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from ruscarl_jax.models import qwen
+from ruscarl_jax.models import moe, qwen
 from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules, constrain
 
 DECODE_CACHE_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
@@ -60,7 +61,7 @@ def decode_step(params: qwen.Params, cfg: qwen.QwenConfig, tokens: jax.Array, po
     x = params["embed"]["embedding"].astype(dtype)[tokens][:, None, :]  # [N, 1, E]
     x = constrain(x, ("batch", "length", "act_embed"), mesh, rules)
 
-    def layer(carry, lp):
+    def layer(carry, lp, sparse):
         x, keys, values, i = carry
         y = _norm(x, lp["input_norm"]["scale"], cfg.rms_norm_eps, dtype)
         q = _proj(y, lp["q_proj"], "nte,ehd->nthd", dtype)
@@ -85,6 +86,9 @@ def decode_step(params: qwen.Params, cfg: qwen.QwenConfig, tokens: jax.Array, po
         x = x + jnp.einsum("ntf,fe->nte", attn, o_kernel.astype(dtype))
         x = constrain(x, ("batch", "length", "act_embed"), mesh, rules)
         y = _norm(x, lp["post_attention_norm"]["scale"], cfg.rms_norm_eps, dtype)
+        if sparse:  # Qwen3-MoE layer: the model's own sparse MLP
+            x = x + moe.sparse_mlp(lp["mlp"], y, cfg, mesh=mesh, rules=rules)[0]
+            return (constrain(x, ("batch", "length", "act_embed"), mesh, rules), keys, values, i + 1), None
         gate = _proj(y, lp["gate_proj"], "nte,ef->ntf", dtype)
         up = _proj(y, lp["up_proj"], "nte,ef->ntf", dtype)
         mlp = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"), mesh, rules)
@@ -92,7 +96,10 @@ def decode_step(params: qwen.Params, cfg: qwen.QwenConfig, tokens: jax.Array, po
         x = constrain(x, ("batch", "length", "act_embed"), mesh, rules)
         return (x, keys, values, i + 1), None
 
-    (x, keys, values, _), _ = jax.lax.scan(layer, (x, cache["k"], cache["v"], jnp.int32(0)), params["layers"])
+    carry = (x, cache["k"], cache["v"], jnp.int32(0))
+    for name, _, _, sparse in cfg.layer_segments:  # one scan per run of same-kind layers (see qwen.py)
+        carry, _ = jax.lax.scan(lambda c, lp, sparse=sparse: layer(c, lp, sparse), carry, params[name])
+    x, keys, values, _ = carry
     x = _norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps, dtype)[:, 0]
     if cfg.tie_word_embeddings:
         logits = jnp.einsum("ne,ve->nv", x, params["embed"]["embedding"].astype(dtype), preferred_element_type=jnp.float32)

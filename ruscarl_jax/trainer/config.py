@@ -7,6 +7,7 @@ every section and the cross-section rules, and raises ConfigError naming the off
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from typing import Any
@@ -15,7 +16,7 @@ import ml_collections
 from etils import epath
 
 from ruscarl_jax.judge.settings import JudgeSettings
-from ruscarl_jax.models.sharding import MESH_AXES
+from ruscarl_jax.models.sharding import MESH_AXES, check_expert_axis
 from ruscarl_jax.rl.optimizer import OptimizerSettings
 from ruscarl_jax.rl.settings import GRPOSettings
 from ruscarl_jax.sampler.settings import SamplingSettings
@@ -24,7 +25,6 @@ from ruscarl_jax.scaffold.message import ScaffoldWording
 from ruscarl_jax.scaffold.settings import STEP_RULES, ScaffoldSettings
 
 
-MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 WANDB_KEYS = ("enabled", "project", "entity", "name", "mode")
 WANDB_MODES = ("", "online", "offline", "disabled")
 
@@ -101,6 +101,15 @@ def check_storage(path: str, key: str, base: str | os.PathLike | None = None) ->
     return resolve_path(path, base)
 
 
+def _checkpoint_experts(directory: pathlib.Path) -> int:
+    """num_experts of a Hugging Face checkpoint's config.json (0 for a dense model or no readable config)."""
+    try:
+        hf = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0  # the loader reports a missing / broken config.json with its own message
+    return int(hf.get("num_experts", hf.get("num_local_experts")) or 0) if isinstance(hf, dict) else 0
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1) -> RunSettings:
     """Check the whole config; return each stage's frozen settings. Raises ConfigError naming the key."""
     trainer = _section(config, "trainer")
@@ -116,14 +125,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
 
     model = _section(config, "model")
     _require(model.get("source") in ("tiny", "hf"), "model.source", f"{model.get('source')!r} is not one of 'tiny', 'hf'")
-    _require(model.get("architecture", "") not in MOE_ARCHITECTURES, "model.architecture",
-             f"{model.get('architecture')} is a mixture-of-experts model; MoE is not supported yet (dense Qwen2/2.5/3 only)")
+    num_experts, experts_key = int((model.get("tiny") or {}).get("num_experts", 0) or 0), "model.tiny.num_experts"
     if model["source"] == "hf":
         _require(not storage.is_url(model.get("checkpoint_dir") or ""), "model.checkpoint_dir",
                  f"must be a local directory (copy the checkpoint to the host first), got {model.get('checkpoint_dir')!r}")
         directory = resolve_path(model.get("checkpoint_dir") or "")
         _require(bool(model.get("checkpoint_dir")) and directory.is_dir(), "model.checkpoint_dir",
                  f"a Hugging Face checkpoint directory is required with model.source='hf'; got {model.get('checkpoint_dir')!r}")
+        num_experts, experts_key = _checkpoint_experts(directory), "model.checkpoint_dir"
 
     optim = _section(config, "optim")
     _require(float(optim.get("learning_rate", 0)) > 0, "optim.learning_rate", f"must be > 0, got {optim.get('learning_rate')}")
@@ -162,19 +171,28 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     fits = num_devices % fixed == 0 if -1 in sizes.values() else fixed == num_devices
     _require(fits, "mesh", f"{sizes} does not fit {num_devices} devices")
     sizes = {a: (num_devices // fixed if s == -1 else s) for a, s in sizes.items()}
-    data_parallel = sizes["data"] * sizes["fsdp"]
+    try:
+        check_expert_axis(num_experts, sizes["expert"])
+    except ValueError as err:
+        raise ConfigError(f"config.mesh.expert: {err} ({experts_key})") from None
+    batch_rule = dict((name, axes) for name, axes in config.get("sharding_rules", ())).get("batch", ("data", "fsdp"))
+    batch_axes = [] if batch_rule is None else [batch_rule] if isinstance(batch_rule, str) else list(batch_rule)
+    data_parallel = math.prod(sizes.get(a, 1) for a in batch_axes)
     _require(batch % process_count == 0, "data.batch_size",
              f"{batch} prompts (the global batch of all processes) do not split over {process_count} processes")
     rows = batch * generations
     _require(rows % data_parallel == 0, "data.batch_size",
              f"{batch} prompts x {generations} generations = {rows} rows (the global batch), "
-             f"which do not divide across the {data_parallel} data-parallel devices (mesh data x fsdp)")
+             f"which do not divide across the {data_parallel} data-parallel devices (mesh {' x '.join(batch_axes)}, "
+             "the axes of the 'batch' sharding rule)")
 
     grpo = _section(config, "grpo")
     grpo.setdefault("temperature", sampling.temperature)
     _require(float(grpo["temperature"]) == float(sampling.temperature), "grpo.temperature",
              f"must equal rollout.temperature={sampling.temperature} (log-probs are taken at the sampling temperature)")
     grpo_settings = _build(GRPOSettings, grpo, "grpo")
+    _require(not grpo_settings.routing_replay or num_experts > 0, "grpo.routing_replay",
+             f"needs a mixture-of-experts model ({experts_key} has no experts)")
     try:
         grpo_settings.check_batch_size(rows)
     except ValueError as err:
@@ -185,7 +203,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
                        ("logprob_micro_batch_size", grpo_settings.logprob_rows)):
         _require(value % data_parallel == 0, f"grpo.{key}",
                  f"{value} rows (counted over all processes) do not divide across the {data_parallel} "
-                 f"data-parallel devices (mesh data x fsdp)")
+                 f"data-parallel devices (mesh {' x '.join(batch_axes)})")
 
     judge = _section(config, "judge")
     judge_settings = _build(JudgeSettings, judge, "judge")

@@ -17,7 +17,7 @@ from ruscarl_jax.models import hf_io, qwen
 from ruscarl_jax.models.sharding import Rules, make_mesh
 from ruscarl_jax.scaffold.prompts import build_prompts
 from ruscarl_jax.scaffold.settings import ScaffoldSettings
-from ruscarl_jax.trainer.config import MOE_ARCHITECTURES, ConfigError, resolve_path
+from ruscarl_jax.trainer.config import ConfigError, resolve_path
 
 logger = logging.getLogger("ruscarl_jax.trainer")
 
@@ -66,13 +66,7 @@ def load_policy(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, exa
         if not m.checkpoint_dir:
             raise ConfigError("config.model.checkpoint_dir: required when config.model.source='hf'")
         directory = resolve_path(m.checkpoint_dir)
-        try:
-            cfg, params = hf_io.load_checkpoint(directory, mesh, rules, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
-        except hf_io.CheckpointError as err:
-            if any(a in str(err) for a in MOE_ARCHITECTURES):
-                raise ConfigError(f"config.model.checkpoint_dir: {directory} is a Qwen3 MoE checkpoint; mixture-of-experts "
-                                  "models are not supported yet (dense Qwen2/2.5/3 only)") from None
-            raise
+        cfg, params = hf_io.load_checkpoint(directory, mesh, rules, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
         return cfg, params, tokenizer or hf_io.load_tokenizer(directory, trust_remote_code=bool(m.trust_remote_code))
     raise ConfigError(f"config.model.source: {m.source!r} is not one of 'tiny', 'hf'")
 
