@@ -24,6 +24,9 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import jax
+
+    from ruscarl_jax.evaluation.run_summary import summarize
     from ruscarl_jax.trainer.config import ConfigError, resolve_path
     from ruscarl_jax.trainer.loop import train
 
@@ -36,6 +39,8 @@ def main(argv):
         return 2
     if last:
         print(f"done: step {last['step']} reward_mean={last.get('reward_mean'):.4f} -> {workdir}")
+    if jax.process_index() == 0 and (workdir / "metrics.jsonl").is_file():
+        print(summarize(workdir))
     return 0
 
 

@@ -23,7 +23,8 @@ COMMON = ["--config.rollout.num_generations=2", "--config.rollout.max_new_tokens
           "--config.grpo.ppo_mini_batch_size=8", "--config.grpo.ppo_micro_batch_size=2",
           "--config.grpo.logprob_micro_batch_size=2",
           "--config.trainer.checkpoint_every=1", "--config.trainer.test_freq=0", "--config.model.tiny.num_layers=1",
-          "--config.trainer.tensorboard=False", "--config.trainer.compilation_cache_dir=", "--config.data.shuffle=True"]
+          "--config.trainer.tensorboard=False", "--config.trainer.compilation_cache_dir=", "--config.data.shuffle=True",
+          "--config.warm_start.path="]
 
 
 def _free_port() -> int:

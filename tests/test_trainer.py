@@ -23,7 +23,8 @@ FAST = ["--config.data.batch_size=4", "--config.rollout.num_generations=2", "--c
         "--config.grpo.ppo_mini_batch_size=8", "--config.grpo.ppo_micro_batch_size=4",
         "--config.trainer.checkpoint_every=1", "--config.trainer.test_freq=2", "--config.data.val_examples=4",
         "--config.model.tiny.num_layers=1", "--config.trainer.tensorboard=False",
-        "--config.trainer.compilation_cache_dir="]  # "" = the session cache that conftest.py sets up
+        "--config.trainer.compilation_cache_dir=",  # "" = the session cache that conftest.py sets up
+        "--config.warm_start.path="]  # from the random model: no SFT warm start to build
 REQUIRED_KEYS = ["step", "reward_mean", "reward_std", "reward_scaffolded_mean", "reward_unscaffolded_mean",
                  "reveal_ratio_mean", "response_length_mean", "kl", "entropy", "pg_clipfrac", "grad_norm",
                  "judge_ungraded", "rollout_seconds", "judge_seconds", "update_seconds", "tokens_per_second"]
