@@ -18,6 +18,7 @@ import logging
 import os
 import pathlib
 import shutil
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -174,10 +175,12 @@ def build_and_save(directory: pathlib.Path, params: qwen.Params, cfg: qwen.QwenC
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end
     logger.info("warm start: %d SFT steps on %d demonstrations from %s (cached in %s)", settings.steps, len(pairs),
                 settings.path, directory)
+    started = time.perf_counter()
     params, losses = fine_tune(params, cfg, pairs, settings, pad_id=pad, mesh=mesh, rules=rules)
     partial = directory.with_name(directory.name + f".partial-{os.getpid()}")
     hf_io.save_checkpoint(partial, params, cfg, tokenizer=tokenizer)
-    info = {"demonstrations": len(pairs), "steps": settings.steps, "first_loss": losses[0], "final_loss": losses[-1]}
+    info = {"demonstrations": len(pairs), "steps": settings.steps, "first_loss": losses[0], "final_loss": losses[-1],
+            "seconds": time.perf_counter() - started}
     if jax.process_index() == 0:
         (partial / "warm_start.json").write_text(json.dumps(info, indent=2))
         if directory.exists():  # another run finished it first
