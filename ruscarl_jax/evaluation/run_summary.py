@@ -61,12 +61,12 @@ def summarize(workdir: str | pathlib.Path, window: int = 10) -> str:
     rows = [("reward, scaffolded rollouts", "reward_scaffolded_mean"),
             ("reward, unscaffolded rollouts", "reward_unscaffolded_mean"),
             ("KL to the reference policy", "kl")]
-    lines.append(f"  {'':32s}{'first ' + str(window):>10s}{'last ' + str(window):>10s}   curve")
+    lines.append(f"  {'':32s}{'first ' + str(window):>10s}{'last ' + str(window):>10s}   curve (rewards and scores on 0..1)")
     for label, key in rows:
         pairs = _values(records, key)
         if pairs:
             lines.append(f"  {label:32s}{_mean(pairs[:window]):10.3f}{_mean(pairs[-window:]):10.3f}   "
-                         f"{sparkline([v for _, v in pairs], lo=0.0 if key != 'kl' else None)}")
+                         f"{sparkline([v for _, v in pairs], *((None, None) if key == 'kl' else (0.0, 1.0)))}")
     val = _values(records, "val/score")
     before = _values(records, "val/score_initial")
     if val:
