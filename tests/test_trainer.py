@@ -84,7 +84,7 @@ def test_metrics_and_rollout_records(reference_run):
             by_example.setdefault(rec["example_id"], {})[rec["sample_index"]] = rec
         for group in by_example.values():
             assert group[0]["ratio"] >= group[1]["ratio"] == 0.0
-            assert group[1]["system_message"] is not None  # add_base_when_zero: the base message
+            assert group[1]["system_message"] is None  # add_base_when_zero=False (tiny default): nothing added
 
 
 def test_exact_resume_after_sigkill(reference_run, tmp_path):

@@ -66,7 +66,7 @@ def summarize(workdir: str | pathlib.Path, window: int = 10) -> str:
         pairs = _values(records, key)
         if pairs:
             lines.append(f"  {label:32s}{_mean(pairs[:window]):10.3f}{_mean(pairs[-window:]):10.3f}   "
-                         f"{sparkline([v for _, v in pairs], *((None, None) if key == 'kl' else (0.0, 1.0)))}")
+                         f"{sparkline([v for _, v in pairs], **({} if key == 'kl' else {'lo': 0.0, 'hi': 1.0}))}")
     val = _values(records, "val/score")
     before = _values(records, "val/score_initial")
     if val:
