@@ -7,7 +7,8 @@ response is followed by the end-of-turn token, and `rl/sft.py`'s step trains on 
 for `steps` updates of `batch_size` rows. The result is saved as a Hugging Face checkpoint in
 ``cache_dir/<key>``, the key hashing everything that determines it (model section, warm-start
 settings, the demonstrations' and tasks' contents), so a second run loads it in a second. The
-reference policy of the RL run is the warm-started one.
+reference policy of the RL run is the warm-started one. Several processes: each fine-tunes (the
+same, deterministic), process 0 writes, all load it; so cache_dir must be a filesystem they share.
 """
 from __future__ import annotations
 
