@@ -1,6 +1,6 @@
 """The embedded default: a tiny Qwen-shaped model and tokenizer built by the project, the synthetic
 rule-verified rubric task in data/tiny/ (ruscarl_jax/data/synthetic.py), no judge server. The model is
-first warm-started by SFT on data/tiny/warm_start.jsonl (built once, ~1-3 min, then cached in
+first warm-started by SFT on data/tiny/warm_start.jsonl (built once, about 1 min on 2 cores, then cached in
 warm_start.cache_dir); `--config.warm_start.path=` starts RL from the random model instead (tests do).
 Runs on a laptop CPU in a few minutes.
 
