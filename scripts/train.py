@@ -16,7 +16,8 @@ from ml_collections import config_flags  # noqa: E402
 
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Path to an ml_collections config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir). An existing one is resumed.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory or URL (gs://BUCKET/PATH; default: config.workdir). "
+                                "An existing one is resumed.")
 
 
 def main(argv):
@@ -27,11 +28,12 @@ def main(argv):
     import jax
 
     from ruscarl_jax.evaluation.run_summary import summarize
-    from ruscarl_jax.trainer.config import ConfigError, resolve_path
+    from ruscarl_jax.trainer import storage
+    from ruscarl_jax.trainer.config import ConfigError
     from ruscarl_jax.trainer.loop import train
 
     config = _CONFIG.value
-    workdir = resolve_path(_WORKDIR.value or config.workdir, pathlib.Path.cwd())
+    workdir = _WORKDIR.value or config.workdir  # a local path (relative to here) or a URL, e.g. gs://bucket/run
     try:
         last = train(config, workdir)
     except ConfigError as err:
@@ -39,8 +41,9 @@ def main(argv):
         return 2
     if last:
         print(f"done: step {last['step']} reward_mean={last.get('reward_mean'):.4f} -> {workdir}")
-    if jax.process_index() == 0 and (workdir / "metrics.jsonl").is_file():
-        print(summarize(workdir))
+    run_dir = storage.resolve_path(workdir, base=os.getcwd())
+    if jax.process_index() == 0 and (run_dir / "metrics.jsonl").exists():
+        print(summarize(run_dir))
     return 0
 
 

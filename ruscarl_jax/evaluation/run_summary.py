@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
+import os
 from collections.abc import Sequence
 from typing import Any
+
+from etils import epath
 
 BARS = " ▁▂▃▄▅▆▇█"
 
 
-def read_metrics(path: str | pathlib.Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; errors name the file and line."""
-    path = pathlib.Path(path)
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (a local path or a URL); errors name the file and line."""
+    path = epath.Path(path)
     records = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
@@ -51,9 +53,9 @@ def _mean(pairs: Sequence[tuple[int, float]]) -> float:
     return sum(v for _, v in pairs) / len(pairs) if pairs else math.nan
 
 
-def summarize(workdir: str | pathlib.Path, window: int = 10) -> str:
+def summarize(workdir: str | os.PathLike, window: int = 10) -> str:
     """The summary text of the run in `workdir` (means over the first and last `window` steps)."""
-    workdir = pathlib.Path(workdir)
+    workdir = epath.Path(workdir)
     records = read_metrics(workdir / "metrics.jsonl")
     if not records:
         return f"{workdir}: no metrics yet"

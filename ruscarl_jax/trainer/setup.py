@@ -58,12 +58,14 @@ def warm_start_settings(config: ml_collections.ConfigDict) -> WarmStartSettings:
 
 
 def load_policy(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, examples: list[Example],
-                scaffold: ScaffoldSettings) -> tuple[qwen.QwenConfig, qwen.Params, Any]:
+                scaffold: ScaffoldSettings | None, tokenizer: Any = None) -> tuple[qwen.QwenConfig, qwen.Params, Any]:
     """(model config, sharded params, tokenizer) from config.model, warm-started by SFT on
-    config.warm_start.path's demonstrations when that is set (built once, then loaded from its cache)."""
+    config.warm_start.path's demonstrations when that is set (built once, then loaded from its cache).
+    A given `tokenizer` (the run's snapshot) is used instead of building the tiny one (from `examples`
+    and `scaffold`, which are then unused) or loading the checkpoint's."""
     warm = warm_start_settings(config)
     if not warm.path:
-        return _load_model(config, mesh, rules, examples, scaffold, int(config.seed))
+        return _load_model(config, mesh, rules, examples, scaffold, int(config.seed), tokenizer)
     corpus = _tiny_corpus(examples, scaffold) if config.model.source == "tiny" else []
     directory = cache_directory(config, warm, [hashlib.sha256("\n".join(corpus).encode()).hexdigest()])
     if not (directory / "config.json").exists():
@@ -75,15 +77,16 @@ def load_policy(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, exa
     m = config.model
     cfg, params = hf_io.load_checkpoint(directory, mesh, rules, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
     logger.info("warm start loaded from %s", directory)
-    return cfg, params, hf_io.load_tokenizer(directory)
+    return cfg, params, tokenizer or hf_io.load_tokenizer(directory)
 
 
 def _load_model(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, examples: list[Example],
-                scaffold: ScaffoldSettings, seed: int) -> tuple[qwen.QwenConfig, qwen.Params, Any]:
+                scaffold: ScaffoldSettings | None, seed: int, tokenizer: Any = None) -> tuple[qwen.QwenConfig, qwen.Params, Any]:
     m = config.model
     if m.source == "tiny":
         tiny = dict(m.tiny)
-        tokenizer = build_tiny_tokenizer(_tiny_corpus(examples, scaffold), vocab_size=int(tiny.pop("vocab_size")))
+        vocab = int(tiny.pop("vocab_size"))
+        tokenizer = tokenizer or build_tiny_tokenizer(_tiny_corpus(examples, scaffold), vocab_size=vocab)
         cfg = qwen.QwenConfig(vocab_size=len(tokenizer), dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **tiny)
         params = qwen.init_params_sharded(cfg, jax.random.key(seed), mesh, rules)
         return cfg, params, tokenizer
@@ -98,7 +101,7 @@ def _load_model(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, exa
                 raise ConfigError(f"config.model.checkpoint_dir: {directory} is a Qwen3 MoE checkpoint; mixture-of-experts "
                                   "models are not supported yet (dense Qwen2/2.5/3 only)") from None
             raise
-        return cfg, params, hf_io.load_tokenizer(directory, trust_remote_code=bool(m.trust_remote_code))
+        return cfg, params, tokenizer or hf_io.load_tokenizer(directory, trust_remote_code=bool(m.trust_remote_code))
     raise ConfigError(f"config.model.source: {m.source!r} is not one of 'tiny', 'hf'")
 
 

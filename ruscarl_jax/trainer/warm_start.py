@@ -147,7 +147,7 @@ def fine_tune(params: qwen.Params, cfg: qwen.QwenConfig, pairs: Sequence[Pair], 
 
 
 def _digest(path: str | os.PathLike) -> str:
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+    return hashlib.sha256(pathlib.Path(os.fspath(path)).read_bytes()).hexdigest()
 
 
 def cache_directory(config: ml_collections.ConfigDict, settings: WarmStartSettings, extra: Sequence[str] = ()) -> pathlib.Path:
@@ -159,7 +159,7 @@ def cache_directory(config: ml_collections.ConfigDict, settings: WarmStartSettin
     blob = json.dumps({"model": config.model.to_dict(), "warm_start": fields,
                        "demonstrations": _digest(resolve_path(settings.path)), "extra": list(extra)},
                       sort_keys=True, default=str)
-    return resolve_path(settings.cache_dir) / hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return pathlib.Path(os.fspath(resolve_path(settings.cache_dir))) / hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def build_and_save(directory: pathlib.Path, params: qwen.Params, cfg: qwen.QwenConfig, tokenizer: Any,
@@ -169,7 +169,7 @@ def build_and_save(directory: pathlib.Path, params: qwen.Params, cfg: qwen.QwenC
     from ruscarl_jax.trainer.config import resolve_path
     from ruscarl_jax.trainer.setup import stop_token_ids
 
-    rows = load_demonstrations(resolve_path(settings.path))
+    rows = load_demonstrations(os.fspath(resolve_path(settings.path)))
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     end = end if isinstance(end, int) and end >= 0 and end != tokenizer.unk_token_id else stop_token_ids(tokenizer)[0]
     pairs = demonstration_pairs(rows, tokenizer, end)
