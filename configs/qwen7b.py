@@ -42,7 +42,9 @@ def get_config():
                         temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.5, max_tokens=2048,
                         extra_body={"chat_template_kwargs": {"enable_thinking": False}}))
     c.grpo.update(dict(kl_coef=0.001, kl_estimator="low_var_kl", entropy_coeff=0.0, ppo_mini_batch_size=256,
-                       ppo_micro_batch_size=8, ppo_epochs=1, logprob_chunk_size=512, compute_dtype="bfloat16"))
+                       ppo_micro_batch_size=32, ppo_epochs=1, logprob_chunk_size=512, compute_dtype="bfloat16"))
+    # micro-batches count rows over all devices and must be a multiple of the data-parallel size (mesh data x
+    # fsdp): 32 is one row per chip on a 32-chip slice (v5p-64) or 4 per GPU on 8 GPUs (docs/memory_plan.md)
     c.optim.update(dict(learning_rate=1e-6, weight_decay=0.01, max_grad_norm=1.0, schedule="constant"))
     c.trainer.update(dict(total_steps=350, checkpoint_every=25, keep_checkpoints=3, test_freq=5))
     return c

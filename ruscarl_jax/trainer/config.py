@@ -23,6 +23,7 @@ from ruscarl_jax.sampler.settings import SamplingSettings
 from ruscarl_jax.trainer import storage
 from ruscarl_jax.scaffold.message import ScaffoldWording
 from ruscarl_jax.scaffold.settings import STEP_RULES, ScaffoldSettings
+from ruscarl_jax.trainer.warm_start import WarmStartSettings
 
 
 WANDB_KEYS = ("enabled", "project", "entity", "name", "mode")
@@ -133,6 +134,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
         _require(bool(model.get("checkpoint_dir")) and directory.is_dir(), "model.checkpoint_dir",
                  f"a Hugging Face checkpoint directory is required with model.source='hf'; got {model.get('checkpoint_dir')!r}")
         num_experts, experts_key = _checkpoint_experts(directory), "model.checkpoint_dir"
+
+    if "warm_start" in config:  # SFT on demonstrations before RL (trainer/warm_start.py); path "" = off
+        warm = _build(WarmStartSettings, _section(config, "warm_start"), "warm_start")
+        _require(not warm.path or resolve_path(warm.path).is_file(), "warm_start.path",
+                 f"file not found: {resolve_path(warm.path) if warm.path else ''}")
 
     optim = _section(config, "optim")
     _require(float(optim.get("learning_rate", 0)) > 0, "optim.learning_rate", f"must be > 0, got {optim.get('learning_rate')}")

@@ -215,6 +215,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         return collect(step, prompts, params, cfg, tokenizer, sampling, fold_step_key(base_key, step), mesh, rules, data.get_state())
 
     last: dict[str, Any] = {}
+    initial = {}  # the held-out score before training, logged with step 1 (the run summary's "before")
+    if val_examples and config.trainer.test_freq and start == 0:
+        initial = {"val/score_initial": validate_policy(params, cfg, tokenizer, val_examples, judge, val_sampling, 0,
+                                                        int(config.seed), mesh, rules)["val/score"]}
     try:
         pending = next_rollout(start + 1, saved_pending) if start < total else None
         for step in range(start + 1, total + 1):
@@ -253,6 +257,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             if val_examples and config.trainer.test_freq and (step % int(config.trainer.test_freq) == 0 or step == total):
                 metrics.update(validate_policy(params, cfg, tokenizer, val_examples, judge, val_sampling, step,
                                                int(config.seed), mesh, rules))
+            if step == 1:
+                metrics.update(initial)
             writer.write_metrics(step, metrics)
             if config.trainer.save_rollouts:
                 writer.write_rollouts(step, _records(rollout, grades))
