@@ -132,7 +132,8 @@ def test_replay_needs_a_moe_policy():
 FAST = ["--config.data.batch_size=4", "--config.rollout.num_generations=2", "--config.rollout.max_new_tokens=6",
         "--config.grpo.ppo_mini_batch_size=8", "--config.grpo.ppo_micro_batch_size=4",
         "--config.trainer.checkpoint_every=2", "--config.trainer.test_freq=0", "--config.data.val_examples=0",
-        "--config.trainer.tensorboard=False", "--config.trainer.compilation_cache_dir="]
+        "--config.trainer.tensorboard=False", "--config.trainer.compilation_cache_dir=",
+        "--config.warm_start.path="]  # the paper-size MoE configs start from a checkpoint, not the tiny warm start
 
 
 def _train(workdir, *flags, devices=4, timeout=900):
