@@ -127,3 +127,22 @@ def test_kv_bytes_follow_the_layout(tiny):
     static = engine.plan(cfg, SamplingSettings(max_new_tokens=8, engine=EngineSettings(schedule="static")), rows=4,
                          longest_prompt=6, mesh=None)
     assert engine.kv_cache_bytes(cfg, static, None)[0] == 2 * cfg.num_layers * cfg.num_kv_heads * 4 * 14 * cfg.head_dim * 4
+
+
+def test_engine_config_errors_name_the_key():
+    from configs import tiny as tiny_config
+    from ruscarl_jax.trainer import config as config_lib
+
+    for key, value, devices, message in [
+        ("num_pages", 3, 1, r"config.rollout.engine.num_pages: 3 pages over 1 data-parallel shard\(s\) = 3 per shard of 16 "
+                            r"tokens; one sequence of up to 268 tokens needs 17"),
+        ("slots", 1, 2, r"config.rollout.engine.slots: 1 slots for 2 data-parallel shards per process"),
+        ("max_seq_len", 100, 1, r"config.rollout.engine.max_seq_len: 100 cannot hold a prompt of data.max_prompt_length=256"),
+        ("page_size", 0, 1, r"config.rollout.engine.page_size: EngineSettings.page_size=0: must be >= 1"),
+        ("schedule", "fast", 1, r"config.rollout.engine.schedule: .*valid: continuous, static"),
+    ]:
+        config = tiny_config.get_config()
+        config.rollout.engine[key] = value
+        with pytest.raises(config_lib.ConfigError, match=message):
+            config_lib.validate(config, num_devices=devices)
+    assert config_lib.validate(tiny_config.get_config(), num_devices=1).sampling.engine == EngineSettings()

@@ -18,7 +18,7 @@ from ruscarl_jax.judge.settings import JudgeSettings
 from ruscarl_jax.models.sharding import MESH_AXES
 from ruscarl_jax.rl.optimizer import OptimizerSettings
 from ruscarl_jax.rl.settings import GRPOSettings
-from ruscarl_jax.sampler.settings import SamplingSettings
+from ruscarl_jax.sampler.settings import EngineSettings, SamplingSettings, bucket_length
 from ruscarl_jax.scaffold.message import ScaffoldWording
 from ruscarl_jax.scaffold.settings import STEP_RULES, ScaffoldSettings
 
@@ -68,6 +68,22 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config.{key}: {message}")
 
 
+def _check_engine(sampling: SamplingSettings, max_prompt: int, shards: int) -> None:
+    """The engine's slots and pages must hold one sequence of the longest prompt + max_new_tokens."""
+    e, r = sampling.engine, sampling.max_new_tokens
+    _require(e.slots == 0 or e.slots >= shards, "rollout.engine.slots",
+             f"{e.slots} slots for {shards} data-parallel shards per process: every shard needs at least one slot "
+             f"(0 = one slot per prompt)")
+    longest = bucket_length(max_prompt, sampling.prompt_bucket_min, sampling.prompt_bucket_steps) if max_prompt else 0
+    _require(not e.max_seq_len or not max_prompt or e.max_seq_len >= max_prompt + r, "rollout.engine.max_seq_len",
+             f"{e.max_seq_len} cannot hold a prompt of data.max_prompt_length={max_prompt} + max_new_tokens={r}")
+    if e.num_pages and e.schedule == "continuous":
+        need = math.ceil((e.max_seq_len or longest + r) / e.page_size)
+        _require(e.num_pages // shards >= need, "rollout.engine.num_pages",
+                 f"{e.num_pages} pages over {shards} data-parallel shard(s) = {e.num_pages // shards} per shard of "
+                 f"{e.page_size} tokens; one sequence of up to {e.max_seq_len or longest + r} tokens needs {need}")
+
+
 def resolve_path(path: str, base: pathlib.Path | None = None) -> pathlib.Path:
     """Expand ~ and $VARS; relative paths are taken from the repository root (or `base`)."""
     p = pathlib.Path(os.path.expandvars(os.path.expanduser(path)))
@@ -105,6 +121,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
              f"must be >= 2 with the step rule {scaffold_settings.rule!r} (a group of one sample gets ratio 1 and "
              f"no group advantage), got {generations}")
     val = rollout.pop("validation", {}) or {}
+    rollout["engine"] = _build(EngineSettings, dict(rollout.pop("engine", {}) or {}), "rollout.engine")
     sampling = _build(SamplingSettings, rollout, "rollout")
     val_sampling = _build(SamplingSettings, {**rollout, **dict(val)}, "rollout.validation")
 
@@ -132,6 +149,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     _require(rows % data_parallel == 0, "data.batch_size",
              f"{batch} prompts x {generations} generations x {process_count} processes = {rows} rows, "
              f"which do not divide across the {data_parallel} data-parallel devices (mesh data x fsdp)")
+
+    _check_engine(sampling, int(data.get("max_prompt_length", 0)), max(1, data_parallel // process_count))
 
     grpo = _section(config, "grpo")
     grpo.setdefault("temperature", sampling.temperature)

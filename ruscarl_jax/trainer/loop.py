@@ -44,7 +44,7 @@ from ruscarl_jax.trainer import config as config_lib
 from ruscarl_jax.trainer import distributed
 from ruscarl_jax.trainer.checkpoint import Checkpointer
 from ruscarl_jax.trainer.metrics import RunWriter, truncate_metrics
-from ruscarl_jax.trainer.rollout import Rollout, assemble, collect, row_seed
+from ruscarl_jax.trainer.rollout import Rollout, assemble, collect, log_kv_budget, row_seed
 from ruscarl_jax.trainer.setup import filter_long_prompts, load_data, load_policy, mesh_from_config, rules_from_config, stop_token_ids
 
 logger = logging.getLogger("ruscarl_jax.trainer")
@@ -148,6 +148,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     sampling = dataclasses.replace(settings.sampling, stop_token_ids=stops, pad_token_id=pad)
     val_sampling = dataclasses.replace(settings.val_sampling, stop_token_ids=stops, pad_token_id=pad)
+    log_kv_budget(cfg, sampling, int(config.data.batch_size) * generations, int(config.data.max_prompt_length), mesh, rules)
     train_examples = filter_long_prompts(train_examples, config, settings.scaffold, tokenizer, generations)
 
     data = BatchIterator(train_examples, PipelineSettings(batch_size=int(config.data.batch_size), seed=int(config.seed),
