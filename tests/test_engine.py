@@ -78,7 +78,7 @@ def test_slot_refill_page_reuse_and_exhaustion(tiny):
         return state, layout
 
     ample, _ = run(EngineSettings(slots=3, page_size=2, check_every=4))
-    tight, layout = run(EngineSettings(slots=3, page_size=2, num_pages=13, check_every=4))  # one sequence needs 11
+    tight, layout = run(EngineSettings(slots=3, page_size=2, num_pages=13, check_every=4))  # one sequence needs 12
     assert ample.preemptions == 0 and tight.preemptions > 0
     assert tight.admissions == len(rows) + tight.preemptions > layout.slots  # slots were refilled
     np.testing.assert_array_equal(tight.tokens, ample.tokens)
@@ -107,7 +107,7 @@ def test_bad_engine_input_is_named(tiny):
     with pytest.raises(ValueError, match=r"row 1 has 5 tokens; with max_new_tokens 8 it needs 13, more than the "
                                          r"engine's max sequence length 12 \(rollout.engine.max_seq_len\)"):
         generate(params, cfg, [[1, 2], [1, 2, 3, 4, 5]], jax.random.key(0), settings)
-    tight = SamplingSettings(max_new_tokens=8, engine=EngineSettings(page_size=4, num_pages=3))
+    tight = SamplingSettings(max_new_tokens=8, prompt_bucket_min=8, engine=EngineSettings(page_size=4, num_pages=3))
     with pytest.raises(ValueError, match=r"rollout.engine.num_pages: 3 pages of 4 tokens .* needs 4 pages"):
         engine.plan(cfg, tight, rows=4, longest_prompt=6, mesh=None)
     with pytest.raises(ValueError, match=r"rollout.engine.memory_gb"):
@@ -124,9 +124,9 @@ def test_kv_bytes_follow_the_layout(tiny):
     layout = engine.plan(cfg, settings, rows=4, longest_prompt=6, mesh=None)
     total, per_device = engine.kv_cache_bytes(cfg, layout, None)
     assert total == per_device == 2 * cfg.num_layers * cfg.num_kv_heads * 40 * 4 * cfg.head_dim * 2
-    static = engine.plan(cfg, SamplingSettings(max_new_tokens=8, engine=EngineSettings(schedule="static")), rows=4,
-                         longest_prompt=6, mesh=None)
-    assert engine.kv_cache_bytes(cfg, static, None)[0] == 2 * cfg.num_layers * cfg.num_kv_heads * 4 * 14 * cfg.head_dim * 4
+    static = engine.plan(cfg, SamplingSettings(max_new_tokens=8, prompt_bucket_min=8, engine=EngineSettings(schedule="static")),
+                         rows=4, longest_prompt=6, mesh=None)  # 4 rows x (prompt bucket 8 + 8 new tokens), float32
+    assert engine.kv_cache_bytes(cfg, static, None)[0] == 2 * cfg.num_layers * cfg.num_kv_heads * 4 * 16 * cfg.head_dim * 4
 
 
 def test_engine_config_errors_name_the_key():

@@ -81,11 +81,14 @@ def _kv_shards(cfg: qwen.QwenConfig, mesh: Mesh | None, rules: Rules) -> int:
 def plan(cfg: qwen.QwenConfig, settings: SamplingSettings, *, rows: int, longest_prompt: int, mesh: Mesh | None,
          rules: Rules = DEFAULT_RULES) -> Layout:
     """Slots, pages and page size for `rows` prompts per process (the longest `longest_prompt` tokens).
-    A page budget too small for one sequence is an error naming its config key."""
+    Without ``max_seq_len`` a slot holds the prompt bucket (settings.bucket_length) + max_new_tokens, so
+    calls whose prompts fall in one bucket share compiled programs. A page budget too small for one
+    sequence is an error naming its config key."""
     e, r = settings.engine, settings.max_new_tokens
     groups = data_parallel_size(mesh, rules) if mesh is not None else 1
     local = max(1, groups // jax.process_count())
-    max_len = e.max_seq_len or longest_prompt + r
+    width = bucket_length(longest_prompt, settings.prompt_bucket_min, settings.prompt_bucket_steps)
+    max_len = e.max_seq_len or width + r
     cache_dtype = e.cache_dtype or cfg.dtype
     if e.schedule == "static":  # every row at once, one page per row, one chunk to the end
         slots = round_up(rows, local)
@@ -102,7 +105,7 @@ def plan(cfg: qwen.QwenConfig, settings: SamplingSettings, *, rows: int, longest
     if per_group < per_seq:
         raise ValueError(
             f"rollout.engine.{key}: {per_group} pages of {e.page_size} tokens per data-parallel shard cannot hold one "
-            f"sequence of max_seq_len {max_len} (prompt {longest_prompt} + max_new_tokens {r}), which needs {per_seq} pages")
+            f"sequence of max_seq_len {max_len} (prompt width {width} + max_new_tokens {r}), which needs {per_seq} pages")
     return Layout(groups, local, slots, e.page_size, per_group, max_len, e.check_every, cache_dtype)
 
 
@@ -216,6 +219,8 @@ class _Engine:
         self.stopped = np.zeros(len(rows), bool)
         self.admissions = 0
         self.preemptions = 0
+        self.decode_steps = 0  # decode steps run (each over all slots)
+        self.pages_read = 0  # KV pages the decode steps read (slots x page-table width, per step)
         self.static = dict(cfg=cfg, settings=settings, layout=layout, mesh=mesh, rules=rules)
 
     def _put(self, tree: dict) -> Any:
@@ -320,6 +325,8 @@ class _Engine:
                                                    inputs["active"], inputs["seeds"], inputs["table"], self.rng, **self.static)
         out = self._get(dict(tok=tok, logp=logp))
         steps = int(np.asarray(steps.addressable_data(0)) if self.mesh is not None else steps)
+        self.decode_steps += steps
+        self.pages_read += steps * n * width
         for i, alive in enumerate(live):
             for j in range(steps if alive else 0):
                 slot = self.slots[i]
@@ -348,9 +355,11 @@ class _Engine:
 
 def run(params: qwen.Params, cfg: qwen.QwenConfig, rows: Sequence[np.ndarray], seeds: np.ndarray, rng: jax.Array,
         settings: SamplingSettings, layout: Layout, *, mesh: Mesh | None = None,
-        rules: Rules = DEFAULT_RULES) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        rules: Rules = DEFAULT_RULES) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
     """Sample every row (this process's prompts as id arrays): tokens [N, R], log-probs [N, R], stopped [N]
-    and the number of preemptions. Every process must call it (with its own rows) the same number of times."""
+    and counters (admissions, preemptions, decode_steps, pages_read). Every process must call it (with
+    its own rows) the same number of times."""
     engine = _Engine(_cast_jit(params, cfg.dtype), cfg, list(rows), seeds, rng, settings, layout, mesh, rules)
     engine.run()
-    return engine.tokens, engine.logprobs, engine.stopped, engine.preemptions
+    stats = {k: getattr(engine, k) for k in ("admissions", "preemptions", "decode_steps", "pages_read")}
+    return engine.tokens, engine.logprobs, engine.stopped, stats
