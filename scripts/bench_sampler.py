@@ -5,7 +5,8 @@ params through a safetensors checkpoint), the same batch of prompts, the same pr
 lengths (fixed length: no stop tokens, HF with min_new_tokens = max_new_tokens), greedy unless
 --sample. Prints tokens/s of each and their ratio; on a GPU also the fraction of the HBM-bandwidth
 roofline of one decode step: (parameter bytes + KV-cache bytes read per step) / step time / peak.
-The sampler's decode step attends over the whole static cache (S = P + R slots), so all of it is read.
+The fixed workload runs the rollout engine with one slot per row (every row decodes to R); the roofline
+counts the whole P + R cache per row as read.
 
     python scripts/bench_sampler.py                                   # CPU, ~39M params, batch 16
     python scripts/bench_sampler.py --preset qwen2.5-0.5b --dtype bfloat16 --batch 64 --peak-bw-gbs 3350
