@@ -1,13 +1,12 @@
 """The rollout engine: continuous batching over few slots and a small paged cache, against transformers
-generate, the static lockstep schedule, a teacher-forced forward pass and an 8-device mesh."""
+generate, the static lockstep schedule and a teacher-forced forward pass (8 devices and two processes:
+tests/test_sampler.py, which runs through the engine too)."""
 import jax
 import numpy as np
 import pytest
 from model_fixtures import left_padded_batch
 from test_sampler import LENGTHS, PAD, VOCAB, _first_stop, _hf_generate, _reference_logprobs, tiny  # noqa: F401
 
-from ruscarl_jax.models import hf_io
-from ruscarl_jax.models.sharding import make_mesh
 from ruscarl_jax.sampler import engine
 from ruscarl_jax.sampler.generate import generate
 from ruscarl_jax.sampler.settings import EngineSettings, SamplingSettings
@@ -85,20 +84,6 @@ def test_slot_refill_page_reuse_and_exhaustion(tiny):
     np.testing.assert_allclose(tight.logprobs, ample.logprobs, atol=1e-5)
     assert not tight.stopped.any() and (tight.tokens != PAD).all()  # no stop tokens: every row ran all R tokens
     assert sorted(tight.pages.free[0]) == list(range(13)) and all(s is None for s in tight.slots)
-
-
-def test_eight_devices_give_the_one_device_engine_output(tiny):
-    _, directory, cfg, params = tiny("qwen2_gqa4_tied")
-    tokens, mask = left_padded_batch(VOCAB, LENGTHS, seed=2)
-    settings = SamplingSettings(max_new_tokens=R, greedy=True, stop_token_ids=(5,), pad_token_id=PAD, prompt_bucket_min=8,
-                                engine=EngineSettings(slots=4, page_size=4, check_every=5))
-    ref = generate(params, cfg, (tokens, mask), jax.random.key(0), settings)
-    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    _, sharded = hf_io.load_checkpoint(directory, mesh=mesh)
-    out = generate(sharded, cfg, (tokens, mask), jax.random.key(0), settings, mesh=mesh)
-    np.testing.assert_array_equal(out.tokens, ref.tokens)
-    np.testing.assert_array_equal(out.response_mask, ref.response_mask)
-    np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
 
 
 def test_bad_engine_input_is_named(tiny):

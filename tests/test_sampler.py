@@ -23,7 +23,7 @@ from ruscarl_jax.models.sharding import logical_to_spec, make_mesh
 from ruscarl_jax.models.attention import PAGED_CACHE_AXES
 from ruscarl_jax.sampler import engine as engine_module
 from ruscarl_jax.sampler.generate import fold_step_key, generate, pad_prompts
-from ruscarl_jax.sampler.settings import SamplingSettings, bucket_length
+from ruscarl_jax.sampler.settings import EngineSettings, SamplingSettings, bucket_length
 
 VOCAB = 101
 LENGTHS = [9, 4, 1, 7, 12, 3]  # mixed prompt lengths, left padded
@@ -164,11 +164,14 @@ def test_every_row_stopping_exits_the_loop_early(tiny):
     assert (out.tokens[:, out.num_steps:] == PAD).all() and out.tokens.shape == (len(LENGTHS), 40)
 
 
-def test_eight_devices_give_the_one_device_greedy_output(tiny):
+# one slot per row; and 4 slots (one per data-parallel shard) refilled from 6 rows, 4-token pages
+@pytest.mark.parametrize("engine_settings", [EngineSettings(), EngineSettings(slots=4, page_size=4, check_every=5)])
+def test_eight_devices_give_the_one_device_greedy_output(tiny, engine_settings):
     assert len(jax.devices()) == 8
     _, directory, cfg, params = tiny("qwen2_gqa4_tied")
-    tokens, mask = left_padded_batch(VOCAB, LENGTHS, seed=2)  # 6 rows: padded to 8 for data x fsdp = 4
-    settings = SamplingSettings(max_new_tokens=R, greedy=True, stop_token_ids=(5,), pad_token_id=PAD, prompt_bucket_min=8)
+    tokens, mask = left_padded_batch(VOCAB, LENGTHS, seed=2)  # 6 rows: slots padded to a multiple of data x fsdp = 4
+    settings = SamplingSettings(max_new_tokens=R, greedy=True, stop_token_ids=(5,), pad_token_id=PAD, prompt_bucket_min=8,
+                                engine=engine_settings)
     ref = generate(params, cfg, (tokens, mask), jax.random.key(0), settings)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     _, sharded = hf_io.load_checkpoint(directory, mesh=mesh)
@@ -179,8 +182,8 @@ def test_eight_devices_give_the_one_device_greedy_output(tiny):
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
 
     # the paged cache is laid out as its logical axes say: page groups over data x fsdp, KV heads over tensor
-    layout = engine_module.plan(cfg, settings, rows=8, longest_prompt=12, mesh=mesh)
-    assert layout.groups == 4 and layout.slots == 8
+    layout = engine_module.plan(cfg, settings, rows=6, longest_prompt=12, mesh=mesh)
+    assert layout.groups == 4 and layout.slots == (8 if engine_settings.slots == 0 else 4)
     cache = engine_module._init_cache_jit(cfg, layout, mesh, engine_module.DEFAULT_RULES)
     spec = logical_to_spec(PAGED_CACHE_AXES, cache["k"].shape, mesh)
     assert cache["k"].sharding.spec == spec and tuple(spec)[1:3] == (("data", "fsdp"), "tensor")
