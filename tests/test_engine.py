@@ -131,3 +131,20 @@ def test_engine_config_errors_name_the_key():
         with pytest.raises(config_lib.ConfigError, match=message):
             config_lib.validate(config, num_devices=devices)
     assert config_lib.validate(tiny_config.get_config(), num_devices=1).sampling.engine == EngineSettings()
+
+
+def test_pallas_gpu_paged_kernel_reads_our_page_layout():
+    """jax's Pallas GPU paged-attention kernel (run in the Pallas interpreter here) on our cache layout and
+    page tables gives the pure-JAX paged attention: the two decode paths attend to the same tokens."""
+    from ruscarl_jax.models import attention
+
+    rng = np.random.default_rng(0)
+    layers, kv_heads, pages, page, dim, heads = 2, 2, 12, 4, 16, 8
+    k_pool, v_pool = (jax.numpy.asarray(rng.normal(size=(layers, 1, kv_heads, pages, page, dim)), np.float32)
+                      for _ in range(2))
+    q = jax.numpy.asarray(rng.normal(size=(3, 1, heads, dim)), np.float32)
+    table = jax.numpy.asarray([[3, 1, 7, 0], [5, 2, 0, 0], [11, 9, 8, 6]], np.int32)  # scattered pages
+    lengths = jax.numpy.asarray([10, 5, 16], np.int32)  # partial last pages; unused entries are never read
+    ref = attention.paged_decode(q, k_pool, v_pool, jax.numpy.int32(1), table, lengths, impl="jax")
+    out = attention._pallas_paged(q[:, 0], k_pool, v_pool, jax.numpy.int32(1), table, lengths, backend="gpu", interpret=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref[:, 0]), atol=1e-5)

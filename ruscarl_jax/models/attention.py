@@ -68,22 +68,28 @@ def _gather_pages(pool: jax.Array, layer: jax.Array, table: jax.Array) -> jax.Ar
 
 
 def _pallas_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array, table: jax.Array,
-                  lengths: jax.Array) -> jax.Array | None:
-    """The backend's Pallas paged-attention kernel, or None where there is none (CPU, several groups)."""
+                  lengths: jax.Array, backend: str | None = None, interpret: bool = False) -> jax.Array | None:
+    """The backend's Pallas paged-attention kernel, q [B, H, D] -> [B, H, D], or None where there is none
+    (CPU; several page groups). The kernels take unscaled logits, so q is scaled here. `interpret` runs the
+    GPU kernel in the Pallas interpreter (tests on CPU)."""
     if k_pool.shape[1] != 1:
         return None
-    backend = jax.default_backend()
+    backend = backend or jax.default_backend()
     k_pages, v_pages = k_pool[layer, 0], v_pool[layer, 0]  # [KVH, NP, PS, D]
+    q = q * q.shape[-1] ** -0.5
     w = table.shape[1]
-    block = max(d for d in (8, 4, 2, 1) if w % d == 0)
     if backend == "tpu":
         from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
 
-        return paged_attention(q * q.shape[-1] ** -0.5, k_pages, v_pages, lengths, table, pages_per_compute_block=block)
+        block = max(d for d in (8, 4, 2, 1) if w % d == 0)
+        return paged_attention(q, k_pages, v_pages, lengths, table, pages_per_compute_block=block)
     if backend == "gpu":
         from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
-        return paged_attention(q * q.shape[-1] ** -0.5, k_pages, v_pages, table, lengths, pages_per_compute_block=block)
+        splits = max(d for d in (16, 8, 4, 2, 1) if w % d == 0)
+        block = max(d for d in (8, 4, 2, 1) if (w // splits) % d == 0)
+        return paged_attention(q, k_pages, v_pages, table, lengths, pages_per_compute_block=block, k_splits=splits,
+                               interpret=interpret)
     return None
 
 
