@@ -9,7 +9,9 @@ Qwen3 dense: no q/k/v bias, RMSNorm on each head of q and k before RoPE, head_di
 Both: grouped-query attention, RoPE (rotate-half form), SwiGLU MLP, RMSNorm, tied or untied embeddings.
 
 Attention takes a key mask and per-token positions, so left-padded batches (the normal case in RL)
-work: positions are ``cumsum(mask) - 1`` unless given.
+work: positions are ``cumsum(mask) - 1`` unless given. The same layer serves the training forward,
+the rollout engine's prefill and its decode: only the attention's context differs (models/attention.py),
+and the paged KV cache rides in the layer scan's carry so each layer writes its new keys in place.
 """
 from __future__ import annotations
 
