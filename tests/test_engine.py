@@ -71,7 +71,7 @@ def test_slot_refill_page_reuse_and_exhaustion(tiny):
     def run(engine_settings):
         settings = SamplingSettings(**base, engine=engine_settings)
         layout = engine.plan(cfg, settings, rows=len(rows), longest_prompt=5, mesh=None)
-        state = engine._Engine(engine._cast_jit(params, cfg.dtype), cfg, rows, seeds, key, settings, layout, None,
+        state = engine._Engine(engine.cast_params(params, cfg.dtype), cfg, rows, seeds, key, settings, layout, None,
                                engine.DEFAULT_RULES)
         state.run()
         return state, layout
@@ -148,3 +148,11 @@ def test_pallas_gpu_paged_kernel_reads_our_page_layout():
     ref = attention.paged_decode(q, k_pool, v_pool, jax.numpy.int32(1), table, lengths, impl="jax")
     out = attention._pallas_paged(q[:, 0], k_pool, v_pool, jax.numpy.int32(1), table, lengths, backend="gpu", interpret=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref[:, 0]), atol=1e-5)
+
+
+def test_weights_are_cast_once_and_not_copied_when_already_in_the_compute_dtype():
+    params = {"w": jax.numpy.ones((2, 3), np.float32), "ids": jax.numpy.arange(3)}
+    same = engine.cast_params(params, "float32")
+    assert same["w"] is params["w"] and same["ids"] is params["ids"]
+    half = engine.cast_params(params, "bfloat16")
+    assert half["w"].dtype == jax.numpy.bfloat16 and half["ids"].dtype == params["ids"].dtype

@@ -118,9 +118,13 @@ def kv_cache_bytes(cfg: qwen.QwenConfig, layout: Layout, mesh: Mesh | None, rule
 
 # ----------------------------------------------------------------------------------------- device side
 
-def _cast(params: qwen.Params, dtype: str) -> qwen.Params:
-    """The parameters in the compute dtype, once per rollout phase (not per decode step)."""
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+def cast_params(params: qwen.Params, dtype: str) -> qwen.Params:
+    """The parameters in the compute dtype, once per rollout phase (not per decode step). Leaves already
+    in it are passed through (no copy); the others keep their sharding."""
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.dtype(dtype) else x
+
+    return jax.tree.map(cast, params)
 
 
 def _init_cache(cfg, layout, mesh, rules):
@@ -181,7 +185,6 @@ def _decode(params, cache, last, pos, t, active, seeds, table, rng, *, cfg, sett
 
 
 _STATIC = ("cfg", "settings", "layout", "mesh", "rules")
-_cast_jit = jax.jit(_cast, static_argnums=1)
 _init_cache_jit = jax.jit(_init_cache, static_argnums=(0, 1, 2, 3))
 _prefill_jit = jax.jit(_prefill, static_argnames=_STATIC, donate_argnames=("cache",))
 _decode_jit = jax.jit(_decode, static_argnames=_STATIC, donate_argnames=("cache",))
@@ -359,7 +362,7 @@ def run(params: qwen.Params, cfg: qwen.QwenConfig, rows: Sequence[np.ndarray], s
     """Sample every row (this process's prompts as id arrays): tokens [N, R], log-probs [N, R], stopped [N]
     and counters (admissions, preemptions, decode_steps, pages_read). Every process must call it (with
     its own rows) the same number of times."""
-    engine = _Engine(_cast_jit(params, cfg.dtype), cfg, list(rows), seeds, rng, settings, layout, mesh, rules)
+    engine = _Engine(cast_params(params, cfg.dtype), cfg, list(rows), seeds, rng, settings, layout, mesh, rules)
     engine.run()
     stats = {k: getattr(engine, k) for k in ("admissions", "preemptions", "decode_steps", "pages_read")}
     return engine.tokens, engine.logprobs, engine.stopped, stats
