@@ -121,7 +121,7 @@ def test_engine_config_errors_name_the_key():
     for key, value, devices, message in [
         ("num_pages", 3, 1, r"config.rollout.engine.num_pages: 3 pages over 1 data-parallel shard\(s\) = 3 per shard of 16 "
                             r"tokens; one sequence of up to 268 tokens needs 17"),
-        ("slots", 1, 2, r"config.rollout.engine.slots: 1 slots for 2 data-parallel shards per process"),
+        ("slots", 1, 2, r"config.rollout.engine.slots: 1 slots for 2 data-parallel shards: every shard"),
         ("max_seq_len", 100, 1, r"config.rollout.engine.max_seq_len: 100 cannot hold a prompt of data.max_prompt_length=256"),
         ("page_size", 0, 1, r"config.rollout.engine.page_size: EngineSettings.page_size=0: must be >= 1"),
         ("schedule", "fast", 1, r"config.rollout.engine.schedule: .*valid: continuous, static"),

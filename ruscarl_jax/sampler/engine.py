@@ -45,7 +45,7 @@ class Layout:
 
     groups: int  # page groups of the whole job: one per data-parallel shard
     local_groups: int  # page groups of this process
-    slots: int  # sequence slots of this process
+    slots: int  # sequence slots of this process (its share of rollout.engine.slots)
     page_size: int
     pages_per_group: int
     max_len: int  # prompt + response tokens a slot can hold
@@ -93,11 +93,12 @@ def plan(cfg: qwen.QwenConfig, settings: SamplingSettings, *, rows: int, longest
     if e.schedule == "static":  # every row at once, one page per row, one chunk to the end
         slots = round_up(rows, local)
         return Layout(groups, local, slots, max_len, slots // local, max_len, r, cache_dtype)
-    slots = round_up(e.slots or rows, local)
+    # slots and num_pages count the whole job (like every batch size); each process takes its share
+    slots = round_up(-(-e.slots // jax.process_count()) if e.slots else rows, local)
     per_seq = math.ceil(max_len / e.page_size)
     page_bytes = e.page_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype)
     if e.num_pages:
-        per_group, key = e.num_pages // local, "num_pages"
+        per_group, key = e.num_pages // groups, "num_pages"
     elif e.memory_gb:
         per_group, key = int(e.memory_gb * 1e9 * _kv_shards(cfg, mesh, rules) // page_bytes), "memory_gb"
     else:

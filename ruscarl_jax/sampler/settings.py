@@ -24,9 +24,10 @@ PAGED_ATTENTION = ("auto", "jax", "pallas")
 class EngineSettings:
     """Memory and scheduling of the rollout engine (sampler/engine.py); config section rollout.engine.
 
-    ``slots``: sequences decoded together by this process (0 = one per prompt of the call). The KV
-    cache holds ``num_pages`` pages of ``page_size`` tokens (0 = from ``memory_gb``, the cache budget
-    per device; both 0 = enough for every slot at full length, so nothing is ever preempted).
+    ``slots``: sequences decoded together, over all processes like every batch size (0 = one per
+    prompt of the call). The KV cache holds ``num_pages`` pages of ``page_size`` tokens, over all
+    data-parallel shards (0 = from ``memory_gb``, the cache budget per device; both 0 = enough for
+    every slot at full length, so nothing is ever preempted).
     ``max_seq_len`` (prompt + response; 0 = the longest prompt of the call + max_new_tokens) sizes a
     slot's page table. The host looks for finished slots every ``check_every`` decode steps.
     ``cache_dtype`` ("" = the model's compute dtype) stores keys / values, e.g. "bfloat16".

@@ -72,7 +72,7 @@ def _check_engine(sampling: SamplingSettings, max_prompt: int, shards: int) -> N
     """The engine's slots and pages must hold one sequence of the longest prompt + max_new_tokens."""
     e, r = sampling.engine, sampling.max_new_tokens
     _require(e.slots == 0 or e.slots >= shards, "rollout.engine.slots",
-             f"{e.slots} slots for {shards} data-parallel shards per process: every shard needs at least one slot "
+             f"{e.slots} slots for {shards} data-parallel shards: every shard needs at least one slot "
              f"(0 = one slot per prompt)")
     longest = bucket_length(max_prompt, sampling.prompt_bucket_min, sampling.prompt_bucket_steps) if max_prompt else 0
     _require(not e.max_seq_len or not max_prompt or e.max_seq_len >= max_prompt + r, "rollout.engine.max_seq_len",
@@ -150,7 +150,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
              f"{batch} prompts x {generations} generations x {process_count} processes = {rows} rows, "
              f"which do not divide across the {data_parallel} data-parallel devices (mesh data x fsdp)")
 
-    _check_engine(sampling, int(data.get("max_prompt_length", 0)), max(1, data_parallel // process_count))
+    _check_engine(sampling, int(data.get("max_prompt_length", 0)), data_parallel)
 
     grpo = _section(config, "grpo")
     grpo.setdefault("temperature", sampling.temperature)
