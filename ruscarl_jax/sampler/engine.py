@@ -9,8 +9,9 @@ Host loop (one iteration per ``check_every`` decode steps, never per token):
 2. free slots take prompts from the queue while their group has pages for the prompt and one chunk;
 3. the admitted prompts are prefilled together (jitted; they attend to themselves and are written
    into their pages) and sample their first token;
-4. one jitted decode chunk of up to ``check_every`` steps runs over all slots (a ``lax.while_loop``
-   that exits early once no slot is running); finished slots free their pages.
+4. one jitted decode chunk of up to ``check_every`` steps runs over the occupied slots, packed per page
+   group to a power-of-two count (a ``lax.while_loop`` that exits early once no slot is running), so
+   the batch shrinks in the tail; finished slots free their pages.
 
 The layer maths is the model's (``qwen.forward_paged``: the training forward's layer code). Several
 processes run the loop in lockstep: the shapes of each iteration's prefill and decode chunk are
@@ -317,12 +318,22 @@ class _Engine:
             self.slots[i].last = int(out["tok"][r])
             self._record(i, out["tok"][r], out["logp"][r])
 
-    def _decode(self, width: int) -> None:
-        n = self.layout.slots
-        live = [sl is not None for sl in self.slots]
-        pick = lambda field: np.asarray([getattr(sl, field) if sl is not None else 0 for sl in self.slots], np.int32)  # noqa: E731
-        seeds = np.asarray([self.seeds[sl.row] if sl is not None else 0 for sl in self.slots], np.uint32)
-        table = np.asarray(self.pages.rows(list(range(n)), width, 0), np.int32).reshape(n, width)
+    def _occupied(self) -> list[list[int]]:
+        """The occupied slots of each page group of this process."""
+        per = self.layout.slots // self.layout.local_groups
+        return [[i for i in range(g * per, (g + 1) * per) if self.slots[i] is not None]
+                for g in range(self.layout.local_groups)]
+
+    def _decode(self, per_group: int, width: int) -> None:
+        """One decode chunk over the occupied slots only, packed `per_group` per page group (idle rows
+        pad each group's block): as sequences finish and the queue runs dry the batch shrinks."""
+        rows = [i for group in self._occupied() for i in (group + [-1] * per_group)[:per_group]]
+        live = [i >= 0 and self.slots[i] is not None for i in rows]
+        slots = [self.slots[i] if ok else None for i, ok in zip(rows, live)]
+        pick = lambda field: np.asarray([getattr(sl, field) if sl else 0 for sl in slots], np.int32)  # noqa: E731
+        seeds = np.asarray([self.seeds[sl.row] if sl else 0 for sl in slots], np.uint32)
+        table = np.asarray([self.pages.rows([i], width, 0)[0] if ok else [0] * width for i, ok in zip(rows, live)],
+                           np.int32).reshape(len(rows), width)
         inputs = self._put(dict(last=pick("last"), pos=pick("pos"), t=pick("t"), active=np.asarray(live), seeds=seeds,
                                 table=table))
         self.cache, tok, logp, steps = _decode_jit(self.params, self.cache, inputs["last"], inputs["pos"], inputs["t"],
@@ -330,12 +341,12 @@ class _Engine:
         out = self._get(dict(tok=tok, logp=logp))
         steps = int(np.asarray(steps.addressable_data(0)) if self.mesh is not None else steps)
         self.decode_steps += steps
-        self.pages_read += steps * n * width
-        for i, alive in enumerate(live):
+        self.pages_read += steps * len(rows) * width
+        for r, (i, alive) in enumerate(zip(rows, live)):
             for j in range(steps if alive else 0):
                 slot = self.slots[i]
-                slot.last, slot.pos, slot.t = int(out["tok"][i, j]), slot.pos + 1, slot.t + 1
-                if self._record(i, out["tok"][i, j], out["logp"][i, j]):
+                slot.last, slot.pos, slot.t = int(out["tok"][r, j]), slot.pos + 1, slot.t + 1
+                if self._record(i, out["tok"][r, j], out["logp"][r, j]):
                     break
 
     def run(self) -> None:
@@ -347,14 +358,15 @@ class _Engine:
             counts = collections.Counter(i // per for i in admitted)
             longest = max((len(self.rows[self.slots[i].row]) for i in admitted), default=0)
             held = max((len(p) for p in self.pages.held), default=0)
-            work = bool(self.queue) or any(sl is not None for sl in self.slots) or bool(admitted)
-            per_group, longest, held, work = agree(max(counts.values(), default=0), longest, held, int(work))
+            busy = max(len(group) for group in self._occupied())
+            work = bool(self.queue) or busy > 0
+            per_group, longest, held, busy, work = agree(max(counts.values(), default=0), longest, held, busy, int(work))
             if not work:
                 return
             if per_group:
                 width = bucket_length(longest, self.s.prompt_bucket_min, self.s.prompt_bucket_steps)
                 self._prefill(admitted, _pow2(per_group, per), width)
-            self._decode(_pow2(max(held, 1), self.layout.pages_per_seq))
+            self._decode(_pow2(max(busy, 1), per), _pow2(max(held, 1), self.layout.pages_per_seq))
 
 
 def run(params: qwen.Params, cfg: qwen.QwenConfig, rows: Sequence[np.ndarray], seeds: np.ndarray, rng: jax.Array,
