@@ -45,25 +45,20 @@ def dense(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str =
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
 
 
+def _groups(pool: jax.Array, batch: int) -> jax.Array:
+    """The page group of each of `batch` slots, [batch, 1]: slot b belongs to group b // (batch / G)."""
+    return (jnp.arange(batch) // (batch // pool.shape[1]))[:, None]
+
+
 def write_pages(pool: jax.Array, layer: jax.Array, new: jax.Array, pages: jax.Array, offsets: jax.Array) -> jax.Array:
-    """Write new [B, T, KVH, D] at (pages, offsets) [B, T] of layer `layer`; slot b belongs to group b // (B / G)."""
-    g = pool.shape[1]
-    b, t = pages.shape
-
-    def one_group(pool_g, pages_g, offsets_g, new_g):  # pool_g [L, KVH, NP, PS, D]
-        return pool_g.at[layer, :, pages_g, offsets_g].set(new_g.astype(pool_g.dtype), mode="drop")
-
-    split = lambda x: x.reshape((g, b // g) + x.shape[1:])  # noqa: E731
-    return jax.vmap(one_group, in_axes=(1, 0, 0, 0), out_axes=1)(pool, split(pages), split(offsets), split(new))
+    """Write new [B, T, KVH, D] at (pages, offsets) [B, T] of layer `layer`, in place (one scatter)."""
+    return pool.at[layer, _groups(pool, pages.shape[0]), :, pages, offsets].set(new.astype(pool.dtype), mode="drop")
 
 
 def _gather_pages(pool: jax.Array, layer: jax.Array, table: jax.Array) -> jax.Array:
-    """The keys (or values) of each slot's pages: [B, W * page_size, KVH, D] from a table [B, W]."""
-    g = pool.shape[1]
+    """The keys (or values) of each slot's pages: [B, W * page_size, KVH, D] from a table [B, W] (one gather)."""
     b, w = table.shape
-    got = jax.vmap(lambda pool_g, table_g: pool_g[layer, :, table_g], in_axes=(1, 0))(pool, table.reshape(g, b // g, w))
-    # pool_g[layer, :, table_g]: [B/G, W, KVH, PS, D]
-    got = got.reshape(b, w, got.shape[3], got.shape[4], got.shape[5])
+    got = pool[layer, _groups(pool, b), :, table]  # [B, W, KVH, PS, D]
     return jnp.swapaxes(got, 2, 3).reshape(b, w * got.shape[3], got.shape[2], got.shape[4])
 
 
