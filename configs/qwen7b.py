@@ -36,6 +36,11 @@ def get_config():
     c.rollout.update(dict(num_generations=8, max_new_tokens=4096, temperature=0.7, top_p=0.8, top_k=20,
                           prompt_bucket_min=512))
     c.rollout.validation.update(dict(temperature=0.7, top_p=0.8, top_k=20, greedy=False))
+    # the 512 rows of a step decoded 256 at a time over a bfloat16 paged cache of 8 GB per device
+    # (8.7k pages of 16 tokens = 140k tokens; the static cache of 512 x 8192 tokens was 240 GB); a
+    # full-length sequence needs 512 pages; sequences are preempted if the budget runs out
+    c.rollout.engine.update(dict(slots=256, page_size=16, memory_gb=8.0, max_seq_len=8192, check_every=32,
+                                 cache_dtype="bfloat16"))
     urls = [u for u in os.environ.get("JUDGE_BASE_URL", "").split(",") if u]
     c.judge.update(dict(base_urls=tuple(urls), model=os.environ.get("JUDGE_MODEL", ""), api_key_env="RUSCARL_JUDGE_API_KEY",
                         max_concurrency=512, timeout_s=180.0, max_retries=6,

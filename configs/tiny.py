@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
         num_generations=8, max_new_tokens=10, temperature=1.0, top_p=1.0, top_k=0, greedy=False,
         prompt_bucket_min=16,
         validation=dict(temperature=1.0, top_p=1.0, top_k=0, greedy=True),
+        # the rollout engine (sampler/engine.py; README "Rollout engine memory"): 0 = derived
+        engine=dict(schedule="continuous", slots=0, page_size=16, num_pages=0, memory_gb=0.0, max_seq_len=0,
+                    check_every=16, cache_dtype="", attention="auto"),
     ))
     c.judge = ml_collections.ConfigDict(dict(
         base_urls=(), model="", api_key_env="RUSCARL_JUDGE_API_KEY", ungraded_policy="drop_group",

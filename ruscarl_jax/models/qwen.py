@@ -1,6 +1,6 @@
 """Qwen2 / Qwen2.5 / Qwen3 dense decoders in Flax, with a functional interface.
 
-The parameters are a plain dict pytree; `forward` and `forward_cached` are pure functions of
+The parameters are a plain dict pytree; `forward` and `forward_paged` are pure functions of
 (params, tokens, ...). The decoder layers are stacked on a leading ``layers`` axis and run with
 ``nn.scan`` (one compiled layer, whatever the depth), optionally rematerialised.
 
@@ -13,10 +13,13 @@ Qwen3-MoE: Qwen3 attention; the MLP of the layers that ``QwenConfig.sparse_layer
 Mixed dense / sparse layers (``mlp_only_layers``, ``decoder_sparse_step``): the layers are cut into
 contiguous runs of one kind (``layer_segments``), each run one ``nn.scan`` stack. A model with one kind
 of layer (every dense model; Qwen3-30B-A3B) has one stack named ``layers``; otherwise the stacks are
-``layers_0``, ``layers_1``, ... in order, and the KV cache [L, ...] is sliced per run.
+``layers_0``, ``layers_1``, ... in order. The paged KV cache [L, ...] and its layer counter ride through
+the stacks in turn.
 
 Attention takes a key mask and per-token positions, so left-padded batches (the normal case in RL)
-work: positions are ``cumsum(mask) - 1`` unless given.
+work: positions are ``cumsum(mask) - 1`` unless given. The same layer serves the training forward,
+the rollout engine's prefill and its decode: only the attention's context differs (models/attention.py),
+and the paged KV cache rides in the layer scan's carry so each layer writes its new keys in place.
 """
 from __future__ import annotations
 
@@ -28,11 +31,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from ruscarl_jax.models import moe
+from ruscarl_jax.models import attention, moe
+from ruscarl_jax.models.attention import Context
 from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules, constrain
 
 Params = dict[str, Any]
-Cache = dict[str, jax.Array]  # {"k": [L, B, S, KVH, D], "v": [L, B, S, KVH, D]}
+Cache = dict[str, jax.Array]  # {"k": [L, G, KVH, pages, page_size, D], "v": same}: see models/attention.py
 
 REMAT_POLICIES = {
     "none": None,
@@ -60,6 +64,7 @@ class QwenConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     param_dtype: str = "float32"  # storage dtype of the parameters
     remat: str = "none"  # none | full | dots
+    attention: str = "auto"  # dense attention implementation: auto | xla | cudnn (models/attention.py)
     # Qwen3-MoE (num_experts = 0: dense MLP everywhere)
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -80,6 +85,8 @@ class QwenConfig:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; valid: {sorted(REMAT_POLICIES)}")
+        if self.attention not in attention.DENSE_IMPLS:
+            raise ValueError(f"attention={self.attention!r}; valid: {', '.join(attention.DENSE_IMPLS)}")
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in ("float32", "bfloat16"):
                 raise ValueError(f"{field}={getattr(self, field)!r}; valid: float32, bfloat16")
@@ -155,15 +162,18 @@ def _dense(features, axis, names, cfg: QwenConfig, bias: bool, name: str) -> nn.
 
 
 class Block(nn.Module):
-    """One decoder layer. Scanned over layers: carry is the residual stream, xs the layer's KV cache."""
+    """One decoder layer, for the training forward, prefill and decode alike. Scanned over layers: the
+    carry is (residual stream, paged KV cache or None); `ctx` says what to attend to (models/attention.py)."""
 
     cfg: QwenConfig
     mesh: Mesh | None = None
     rules: Rules = DEFAULT_RULES
+    paged_attention: str = "auto"
     sparse: bool = False  # the MLP is moe.SparseMoe
 
     @nn.compact
-    def __call__(self, x, positions, kv_mask, write_index, layer_cache):
+    def __call__(self, carry, positions, ctx):
+        x, kv = carry
         cfg, dtype, pdtype = self.cfg, _dt(self.cfg.dtype), _dt(self.cfg.param_dtype)
         h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         y = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="input_norm")(x)
@@ -176,36 +186,21 @@ class Block(nn.Module):
         q = constrain(rope(q, positions, cfg.rope_theta), ("batch", "length", "heads", None), self.mesh, self.rules)
         kk = rope(kk, positions, cfg.rope_theta)
 
-        t = x.shape[1]
-        if layer_cache is None:  # full forward: keys are this sequence
-            keys, values = kk, v
-            q_slots = jnp.arange(t)
-        else:  # write this chunk into the static cache at write_index, attend to the whole cache
-            keys = jax.lax.dynamic_update_slice(layer_cache["k"], kk.astype(layer_cache["k"].dtype), (0, write_index, 0, 0))
-            values = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, write_index, 0, 0))
-            layer_cache = {"k": keys, "v": values}
-            q_slots = write_index + jnp.arange(t)
-        s = keys.shape[1]
-        allowed = kv_mask[:, None, :].astype(bool) & (jnp.arange(s)[None, None, :] <= q_slots[None, :, None])
-        qg = q.reshape(q.shape[0], t, k, h // k, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(dtype)).astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
-        scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        attn = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(dtype)).reshape(q.shape)
+        attn, kv = attention.attend(q, kk, v, ctx, kv, cfg.attention, self.paged_attention)
         attn = constrain(attn, ("batch", "length", "heads", None), self.mesh, self.rules)
         x = x + _dense(cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), cfg, False, "o_proj")(attn)
         x = constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules)
 
         y = RMSNorm(cfg.rms_norm_eps, dtype, pdtype, name="post_attention_norm")(x)
         if self.sparse:  # routing statistics count the real tokens of a full forward
-            x = x + moe.SparseMoe(cfg, self.mesh, self.rules, name="mlp")(y, kv_mask if layer_cache is None else None)
-            return constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules), layer_cache
+            x = x + moe.SparseMoe(cfg, self.mesh, self.rules, name="mlp")(y, ctx["kv_mask"] if kv is None else None)
+            return (constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules), kv), None
         gate = _dense(cfg.intermediate_size, -1, ("embed", "mlp"), cfg, False, "gate_proj")(y)
         up = _dense(cfg.intermediate_size, -1, ("embed", "mlp"), cfg, False, "up_proj")(y)
         mlp = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"), self.mesh, self.rules)
         x = x + _dense(cfg.hidden_size, -1, ("mlp", "embed"), cfg, False, "down_proj")(mlp)
         x = constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules)
-        return x, layer_cache
+        return (x, kv), None
 
 
 class Qwen(nn.Module):
@@ -214,6 +209,7 @@ class Qwen(nn.Module):
     cfg: QwenConfig
     mesh: Mesh | None = None
     rules: Rules = DEFAULT_RULES
+    paged_attention: str = "auto"
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -224,25 +220,22 @@ class Qwen(nn.Module):
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
         self.stacks = [nn.scan(
             block, variable_axes={"params": 0, "intermediates": 0, "routing": 0}, split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=end - start,
-            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.mesh, self.rules, sparse, name=name)
+            in_axes=(nn.broadcast, nn.broadcast), length=end - start,
+            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, self.mesh, self.rules, self.paged_attention, sparse, name=name)
             for name, start, end, sparse in cfg.layer_segments]
         self.final_norm = RMSNorm(cfg.rms_norm_eps, _dt(cfg.dtype), _dt(cfg.param_dtype))
         if not cfg.tie_word_embeddings:
             self.lm_head = self.param("lm_head", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
                                       (cfg.hidden_size, cfg.vocab_size), _dt(cfg.param_dtype))
 
-    def __call__(self, tokens, positions, kv_mask, write_index=0, cache=None):
+    def __call__(self, tokens, positions, ctx, cache=None):
         x = constrain(self.embed(tokens), ("batch", "length", "act_embed"), self.mesh, self.rules)
-        if len(self.stacks) == 1:
-            x, cache = self.stacks[0](x, positions, kv_mask, write_index, cache)
-            return self.final_norm(x), cache
-        caches = []
-        for stack, (_, start, end, _) in zip(self.stacks, self.cfg.layer_segments):
-            x, part = stack(x, positions, kv_mask, write_index, None if cache is None else
-                            jax.tree.map(lambda c: c[start:end], cache))
-            caches.append(part)
-        cache = None if cache is None else jax.tree.map(lambda *c: jnp.concatenate(c), *caches)
+        if cache is not None:
+            cache = dict(cache, layer=jnp.int32(0))
+        for stack in self.stacks:  # the cache's layer counter runs on from one stack to the next
+            (x, cache), _ = stack((x, cache), positions, ctx)
+        if cache is not None:
+            cache = {"k": cache["k"], "v": cache["v"]}
         return self.final_norm(x), cache
 
     def output_embedding(self) -> jax.Array:
@@ -257,14 +250,14 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
 def init_params(cfg: QwenConfig, rng: jax.Array) -> Params:
     """Random parameters (normal(0.02) kernels, unit norms) as a plain dict pytree."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    variables = Qwen(cfg).init(rng, tokens, tokens, jnp.ones((1, 1), jnp.int32))
+    variables = Qwen(cfg).init(rng, tokens, tokens, {"kv_mask": jnp.ones((1, 1), jnp.int32)})
     return nn.meta.unbox(variables["params"])
 
 
 def param_logical_axes(cfg: QwenConfig) -> Params:
     """A pytree like the params whose leaves are tuples of logical axis names."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    boxed = jax.eval_shape(lambda: Qwen(cfg).init(jax.random.key(0), tokens, tokens, jnp.ones((1, 1), jnp.int32)))
+    boxed = jax.eval_shape(lambda: Qwen(cfg).init(jax.random.key(0), tokens, tokens, {"kv_mask": jnp.ones((1, 1), jnp.int32)}))
     specs = nn.get_partition_spec(boxed["params"])
     return jax.tree.map(lambda spec: tuple(spec), specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
@@ -278,7 +271,7 @@ def forward(params: Params, cfg: QwenConfig, tokens: jax.Array, attention_mask: 
             positions: jax.Array | None = None, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> jax.Array:
     """Final hidden states [B, T, E] (after the last norm) of a padded batch, no cache."""
     positions = default_positions(attention_mask) if positions is None else positions
-    hidden, _ = Qwen(cfg, mesh, rules).apply({"params": params}, tokens, positions, attention_mask)
+    hidden, _ = Qwen(cfg, mesh, rules).apply({"params": params}, tokens, positions, {"kv_mask": attention_mask})
     return hidden
 
 
@@ -299,7 +292,7 @@ def forward_routed(params: Params, cfg: QwenConfig, tokens: jax.Array, attention
         per_layer = jnp.moveaxis(jnp.asarray(forced_experts, jnp.int32), 1, 0)
         variables["routing"] = {name: {"mlp": {"forced": per_layer[start:end]}}
                                 for name, start, end, sparse in cfg.layer_segments if sparse}
-    (hidden, _), state = Qwen(cfg, mesh, rules).apply(variables, tokens, positions, attention_mask,
+    (hidden, _), state = Qwen(cfg, mesh, rules).apply(variables, tokens, positions, {"kv_mask": attention_mask},
                                                       mutable=["intermediates"])
     experts, stats = [], []
     for name, start, end, sparse in cfg.layer_segments:
@@ -314,25 +307,22 @@ def forward_routed(params: Params, cfg: QwenConfig, tokens: jax.Array, attention
     return hidden, routing
 
 
-def forward_cached(params: Params, cfg: QwenConfig, tokens: jax.Array, positions: jax.Array, cache: Cache,
-                   kv_mask: jax.Array, write_index: jax.Array | int, *, mesh: Mesh | None = None,
-                   rules: Rules = DEFAULT_RULES) -> tuple[jax.Array, Cache]:
-    """Run `tokens` [B, T] written at cache slots write_index..write_index+T-1.
+def forward_paged(params: Params, cfg: QwenConfig, tokens: jax.Array, positions: jax.Array, cache: Cache, ctx: Context,
+                  *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+                  paged_attention: str = "auto") -> tuple[jax.Array, Cache]:
+    """Run `tokens` [B, T] against a paged KV cache (models/attention.py): hidden states [B, T, E] and the cache.
 
-    kv_mask [B, S] marks which cache slots hold real tokens (including the ones written now); a query
-    at slot i attends to valid slots <= i. Returns hidden states [B, T, E] and the updated cache.
-    """
-    return Qwen(cfg, mesh, rules).apply({"params": params}, tokens, positions, kv_mask, write_index, cache)
+    Prefill: ctx has kv_mask [B, T] and write_page / write_offset [B, T] (the chunk attends to itself
+    and is stored). Decode (T = 1): ctx has write_page / write_offset [B, 1], page_table [B, W] and
+    lengths [B] (tokens held, this one included)."""
+    return Qwen(cfg, mesh, rules, paged_attention).apply({"params": params}, tokens, positions, ctx, cache)
 
 
-def init_cache(cfg: QwenConfig, batch_size: int, length: int, dtype: str | None = None) -> Cache:
-    """A zeroed static KV cache [L, B, S, KVH, D] for keys and values."""
-    shape = (cfg.num_layers, batch_size, length, cfg.num_kv_heads, cfg.head_dim)
+def init_paged_cache(cfg: QwenConfig, groups: int, pages_per_group: int, page_size: int, dtype: str | None = None) -> Cache:
+    """A zeroed paged KV cache [L, G, KVH, pages_per_group, page_size, D] for keys and values."""
+    shape = (cfg.num_layers, groups, cfg.num_kv_heads, pages_per_group, page_size, cfg.head_dim)
     dt = _dt(dtype or cfg.dtype)
     return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
-
-
-CACHE_LOGICAL_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
 
 
 def output_embedding(params: Params, cfg: QwenConfig) -> jax.Array:

@@ -19,7 +19,7 @@ from ruscarl_jax.judge.settings import JudgeSettings
 from ruscarl_jax.models.sharding import MESH_AXES, check_expert_axis
 from ruscarl_jax.rl.optimizer import OptimizerSettings
 from ruscarl_jax.rl.settings import GRPOSettings
-from ruscarl_jax.sampler.settings import SamplingSettings
+from ruscarl_jax.sampler.settings import EngineSettings, SamplingSettings, bucket_length
 from ruscarl_jax.trainer import storage
 from ruscarl_jax.scaffold.message import ScaffoldWording
 from ruscarl_jax.scaffold.settings import STEP_RULES, ScaffoldSettings
@@ -111,6 +111,23 @@ def _checkpoint_experts(directory: pathlib.Path) -> int:
     return int(hf.get("num_experts", hf.get("num_local_experts")) or 0) if isinstance(hf, dict) else 0
 
 
+def _check_engine(sampling: SamplingSettings, max_prompt: int, shards: int) -> None:
+    """The engine's slots and pages must hold one sequence of the longest prompt + max_new_tokens."""
+    e, r = sampling.engine, sampling.max_new_tokens
+    _require(e.slots == 0 or e.slots >= shards, "rollout.engine.slots",
+             f"{e.slots} slots for {shards} data-parallel shards: every shard needs at least one slot "
+             f"(0 = one slot per prompt)")
+    longest = bucket_length(max_prompt, sampling.prompt_bucket_min, sampling.prompt_bucket_steps) if max_prompt else 0
+    _require(not e.max_seq_len or not max_prompt or e.max_seq_len >= max_prompt + r, "rollout.engine.max_seq_len",
+             f"{e.max_seq_len} cannot hold a prompt of data.max_prompt_length={max_prompt} + max_new_tokens={r}")
+    if e.num_pages and e.schedule == "continuous":
+        need = math.ceil((e.max_seq_len or longest + r) / e.page_size)
+        _require(e.num_pages // shards >= need, "rollout.engine.num_pages",
+                 f"{e.num_pages} pages over {shards} data-parallel shard(s) = {e.num_pages // shards} per shard of "
+                 f"{e.page_size} tokens; one sequence of up to {e.max_seq_len or longest + r} tokens needs {need}")
+
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1) -> RunSettings:
     """Check the whole config; return each stage's frozen settings. Raises ConfigError naming the key."""
     trainer = _section(config, "trainer")
@@ -155,6 +172,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
              f"must be >= 2 with the step rule {scaffold_settings.rule!r} (a group of one sample gets ratio 1 and "
              f"no group advantage), got {generations}")
     val = rollout.pop("validation", {}) or {}
+    rollout["engine"] = _build(EngineSettings, dict(rollout.pop("engine", {}) or {}), "rollout.engine")
     sampling = _build(SamplingSettings, rollout, "rollout")
     val_sampling = _build(SamplingSettings, {**rollout, **dict(val)}, "rollout.validation")
 
@@ -191,6 +209,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
              f"{batch} prompts x {generations} generations = {rows} rows (the global batch), "
              f"which do not divide across the {data_parallel} data-parallel devices (mesh {' x '.join(batch_axes)}, "
              "the axes of the 'batch' sharding rule)")
+
+    _check_engine(sampling, int(data.get("max_prompt_length", 0)), data_parallel)
 
     grpo = _section(config, "grpo")
     grpo.setdefault("temperature", sampling.temperature)

@@ -52,7 +52,8 @@ from ruscarl_jax.trainer import distributed, snapshot
 from ruscarl_jax.trainer.checkpoint import Checkpointer
 from ruscarl_jax.trainer.metrics import RunWriter, truncate_metrics
 from ruscarl_jax.trainer.preemption import StopSignal
-from ruscarl_jax.trainer.rollout import Rollout, across_processes, assemble, collect, rollout_from_saved, row_seed, sample_arrays
+from ruscarl_jax.trainer.rollout import (Rollout, across_processes, assemble, collect, log_kv_budget, rollout_from_saved,
+                                         row_seed, sample_arrays)
 from ruscarl_jax.trainer.setup import filter_long_prompts, load_data, load_policy, mesh_from_config, rules_from_config, stop_token_ids
 
 logger = logging.getLogger("ruscarl_jax.trainer")
@@ -168,6 +169,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     sampling = dataclasses.replace(settings.sampling, stop_token_ids=stops, pad_token_id=pad)
     val_sampling = dataclasses.replace(settings.val_sampling, stop_token_ids=stops, pad_token_id=pad)
+    log_kv_budget(cfg, sampling, int(config.data.batch_size) * generations, int(config.data.max_prompt_length), mesh, rules)
     train_examples = filter_long_prompts(train_examples, config, settings.scaffold, tokenizer, generations)
     rate_tags = met_rate_tags(train_examples, settings.judge.met_rate_tag_prefixes)  # the same list on every process
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import logging
 import time
 from typing import Any
 
@@ -27,9 +28,13 @@ from jax.sharding import Mesh
 from ruscarl_jax.data.types import Example
 from ruscarl_jax.models import qwen
 from ruscarl_jax.models.sharding import Rules, data_parallel_size, global_to_host, host_to_global
+from ruscarl_jax.sampler import engine
 from ruscarl_jax.sampler.generate import SampleOutput, generate
 from ruscarl_jax.sampler.settings import SamplingSettings, bucket_length
 from ruscarl_jax.scaffold.prompts import PromptBatch
+from ruscarl_jax.trainer.config import ConfigError
+
+logger = logging.getLogger("ruscarl_jax.trainer")
 
 
 @dataclasses.dataclass
@@ -83,6 +88,23 @@ def rollout_routing(params: qwen.Params, cfg: qwen.QwenConfig, samples: SampleOu
         batch = host_to_global({"tokens": tokens[lo:lo + rows], "mask": mask[lo:lo + rows]}, mesh, rules)
         parts.append(global_to_host(fn(params, batch["tokens"], batch["mask"]), mesh, rules))
     return np.concatenate(parts).astype(np.int32)
+
+
+def log_kv_budget(cfg: qwen.QwenConfig, settings: SamplingSettings, rows: int, max_prompt: int, mesh: Mesh,
+                  rules: Rules) -> int:
+    """Plan the rollout engine for `rows` prompts per process of up to `max_prompt` tokens, log its KV
+    cache bytes per device and return them. A page budget too small for one sequence fails here, before
+    anything compiles, naming its config key."""
+    longest = bucket_length(max_prompt, settings.prompt_bucket_min, settings.prompt_bucket_steps)
+    try:
+        layout = engine.plan(cfg, settings, rows=rows, longest_prompt=longest, mesh=mesh, rules=rules)
+    except ValueError as err:
+        raise ConfigError(f"config.{err}") from None
+    total, per_device = engine.kv_cache_bytes(cfg, layout, mesh, rules)
+    logger.info("rollout engine: %d slots per process, %d pages of %d tokens per data-parallel shard (%s); "
+                "KV cache %.3f GB per device, %.3f GB in all", layout.slots, layout.pages_per_group, layout.page_size,
+                settings.engine.schedule, per_device / 1e9, total / 1e9)
+    return per_device
 
 
 def row_seed(example_id: str, sample_index: int) -> int:
