@@ -127,6 +127,7 @@ def test_engine_config_errors_name_the_key():
         ("schedule", "fast", 1, r"config.rollout.engine.schedule: .*valid: continuous, static"),
     ]:
         config = tiny_config.get_config()
+        config.data.max_prompt_length, config.rollout.max_new_tokens, config.rollout.prompt_bucket_min = 256, 12, 64
         config.rollout.engine[key] = value
         with pytest.raises(config_lib.ConfigError, match=message):
             config_lib.validate(config, num_devices=devices)
