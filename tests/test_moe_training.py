@@ -191,7 +191,7 @@ def test_rows_must_divide_the_batch_rule_axes(tmp_path):
 
     c = _qwen3_30b_config(tmp_path, 128)  # batch over data x fsdp x expert = 1 x 4 x 8 on 32 devices
     c.data.batch_size, c.grpo.ppo_mini_batch_size, c.grpo.ppo_micro_batch_size = 2, 16, 8
-    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.batch_size: 2 prompts x 8 generations x 1 processes "
-                                                     r"= 16 rows, which do not divide across the 32 data-parallel "
+    with pytest.raises(config_lib.ConfigError, match=r"config\.data\.batch_size: 2 prompts x 8 generations = 16 rows \(the global "
+                                                     r"batch\), which do not divide across the 32 data-parallel "
                                                      r"devices \(mesh data x fsdp x expert"):
         config_lib.validate(c, num_devices=32)
