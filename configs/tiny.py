@@ -17,6 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         source="tiny",  # tiny: random init + a tokenizer trained on the task | hf: a checkpoint directory
         checkpoint_dir="", trust_remote_code=False,
+        preset="",  # with source=hf and no checkpoint at hand: a models/presets.py name (the memory planner uses it)
         dtype="float32", param_dtype="float32", remat="none",
         tiny=dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                   rope_theta=10000.0, tie_word_embeddings=True, vocab_size=1024),

@@ -74,8 +74,10 @@ def resolve_path(path: str, base: pathlib.Path | None = None) -> pathlib.Path:
     return p if p.is_absolute() else (base or pathlib.Path(__file__).resolve().parents[2]) / p
 
 
-def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1) -> RunSettings:
-    """Check the whole config; return each stage's frozen settings. Raises ConfigError naming the key."""
+def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1,
+             check_paths: bool = True) -> RunSettings:
+    """Check the whole config; return each stage's frozen settings. Raises ConfigError naming the key.
+    check_paths=False skips the checks that files and directories exist (the memory planner's case)."""
     trainer = _section(config, "trainer")
     _require(int(trainer.get("total_steps", 0)) >= 1, "trainer.total_steps", f"must be >= 1, got {trainer.get('total_steps')}")
     for key in ("checkpoint_every", "test_freq", "keep_checkpoints"):
@@ -85,7 +87,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     _require(model.get("source") in ("tiny", "hf"), "model.source", f"{model.get('source')!r} is not one of 'tiny', 'hf'")
     _require(model.get("architecture", "") not in MOE_ARCHITECTURES, "model.architecture",
              f"{model.get('architecture')} is a mixture-of-experts model; MoE is not supported yet (dense Qwen2/2.5/3 only)")
-    if model["source"] == "hf":
+    if model["source"] == "hf" and check_paths:
         directory = resolve_path(model.get("checkpoint_dir") or "")
         _require(bool(model.get("checkpoint_dir")) and directory.is_dir(), "model.checkpoint_dir",
                  f"a Hugging Face checkpoint directory is required with model.source='hf'; got {model.get('checkpoint_dir')!r}")
@@ -110,7 +112,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
 
     data = _section(config, "data")
     for key in ("train_path", "val_path"):
-        if data.get(key):
+        if data.get(key) and check_paths:
             path = resolve_path(data[key])
             _require(path.is_file(), f"data.{key}", f"file not found: {path}")
     _require(bool(data.get("train_path")), "data.train_path", "is required")

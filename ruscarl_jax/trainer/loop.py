@@ -34,8 +34,8 @@ from ruscarl_jax.data.pipeline import BatchIterator, PipelineSettings
 from ruscarl_jax.evaluation import scoring
 from ruscarl_jax.judge.judge import Judge
 from ruscarl_jax.models import qwen
-from ruscarl_jax.models.sharding import host_to_global, replicate_unsharded
-from ruscarl_jax.rl.optimizer import make_optimizer
+from ruscarl_jax.models.sharding import host_to_global
+from ruscarl_jax.rl.optimizer import init_opt_state, make_optimizer
 from ruscarl_jax.rl.policy import qwen_policy
 from ruscarl_jax.rl.train_step import make_grpo_step, make_reference
 from ruscarl_jax.sampler.generate import fold_step_key, generate
@@ -154,7 +154,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                                                           num_epochs=config.data.num_epochs, shuffle=bool(config.data.shuffle)))
     optimizer = make_optimizer(settings.optim)
     reference = make_reference(params, settings.grpo)
-    opt_state = replicate_unsharded(jax.jit(optimizer.init)(params), mesh)
+    opt_state = init_opt_state(optimizer, params)
     step_fn = make_grpo_step(qwen_policy(cfg, mesh, rules), settings.grpo, optimizer)
     base_key = jax.random.key(int(config.seed))
 
