@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.trainer = ml_collections.ConfigDict(dict(
         total_steps=60, checkpoint_every=20, keep_checkpoints=2, test_freq=10, overlap_judge=False,
         save_rollouts=True, tensorboard=True,
+        plan_only=False,  # True: print the memory plan of a step on this job's devices (scripts/plan.py) and exit
         compilation_cache_dir="~/.cache/ruscarl_jax/xla",  # "" = JAX's default (JAX_COMPILATION_CACHE_DIR)
     ))
     c.distributed = ml_collections.ConfigDict(dict(

@@ -6,11 +6,14 @@
     python scripts/plan.py --config=configs/tiny.py --slice=v5e-8 --config.data.batch_size=16
 
 The last line is `fits: yes|no (peak X.X GiB of Y.Y GiB per device)`; the exit status is 0 either way
-(2 for bad arguments). See docs/memory_plan.md.
+(2 for bad arguments); --json=FILE also writes the plan as data. XLA_FLAGS given by the caller are kept
+(the figures are those of XLA's default optimisation level; lower levels keep more temporaries).
+See docs/memory_plan.md.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -19,6 +22,7 @@ _parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.
 _parser.add_argument("--slice", help="a named slice: v4-N, v5e-N, v5p-N, v6e-N (TPU), h100-N, h200-N (GPUs)")
 _parser.add_argument("--devices", type=int, help="any accelerator: the number of devices (with --hbm-gb)")
 _parser.add_argument("--hbm-gb", type=float, help="memory per device in GiB (with --devices)")
+_parser.add_argument("--json", help="also write the plan as JSON to this file")
 _args, _rest = _parser.parse_known_args()
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,6 +59,9 @@ def main(argv: list[str]) -> None:
         print(f"plan: {err}", file=sys.stderr)
         sys.exit(2)
     print(plan.report())
+    if _args.json:
+        with open(_args.json, "w") as f:
+            json.dump(plan.to_dict(), f, indent=1)
 
 
 if __name__ == "__main__":

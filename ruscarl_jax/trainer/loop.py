@@ -137,6 +137,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     distributed.initialize(d.coordinator_address or None, d.num_processes or None,
                            d.process_id if d.process_id >= 0 else None, cpu_collectives=d.cpu_collectives or None)
     settings = config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    if config.trainer.get("plan_only", False):  # compile the step's programs, print their memory, train nothing
+        from ruscarl_jax.trainer.step_memory import local_slice, plan_config
+
+        plan = plan_config(config, local_slice())
+        if jax.process_index() == 0:
+            print(plan.report(), flush=True)
+        return {"fits": plan.fits, "peak_bytes": plan.peak.peak}
     workdir = pathlib.Path(workdir)
     mesh, rules = mesh_from_config(config), rules_from_config(config)
     generations, total = int(config.rollout.num_generations), int(config.trainer.total_steps)

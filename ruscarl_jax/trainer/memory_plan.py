@@ -153,6 +153,13 @@ class Plan:
     def fits(self) -> bool:
         return self.peak.peak <= self.slice.hbm_bytes
 
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data (bytes per device)."""
+        return {"slice": dataclasses.asdict(self.slice), "fits": self.fits, "peak_bytes": self.peak.peak,
+                "peak_program": self.peak.name, "verdict": self.verdict(),
+                "programs": [{**dataclasses.asdict(p), "peak": p.peak} for p in self.programs],
+                "analytic_terms": dict(self.analytic_terms), "advice": list(self.advice), "notes": list(self.notes)}
+
     def verdict(self) -> str:
         return (f"fits: {'yes' if self.fits else 'no'} (peak {self.peak.peak / GiB:.1f} GiB of "
                 f"{self.slice.hbm_bytes / GiB:.1f} GiB per device)")

@@ -50,11 +50,14 @@ def model_config(config: ml_collections.ConfigDict) -> qwen.QwenConfig:
                                  f"a config.json or model.preset (one of {', '.join(sorted(presets.PRESETS))})")
 
 
-def _layer_working_set(cfg: qwen.QwenConfig, rows: int, queries: int, keys: int, tensor: int, cb: int) -> int:
-    """Bytes of one decoder layer's activations on one device (materialised attention scores in float32)."""
+def _layer_working_set(cfg: qwen.QwenConfig, rows: int, queries: int, keys: int, tensor: int, cb: int,
+                       saved: bool = False) -> int:
+    """Bytes of one decoder layer's activations on one device (materialised attention scores in float32).
+    saved: what autodiff keeps of a layer for its backward pass without remat (each op's inputs: about twice
+    the dense activations, as normed, rotated and gated copies are kept too)."""
     local = lambda n: -(-n // tensor) if n % tensor == 0 else n  # noqa: E731 - sharded over tensor when divisible
     h, k, d, e, f = local(cfg.num_heads), local(cfg.num_kv_heads), cfg.head_dim, cfg.hidden_size, local(cfg.intermediate_size)
-    dense = rows * queries * (2 * e + (2 * h + 2 * k) * d + 3 * f) * cb
+    dense = rows * queries * (2 * e + (2 * h + 2 * k) * d + 3 * f) * cb * (2 if saved else 1)
     scores = rows * h * queries * keys * 4 * 2  # scores and probabilities
     return dense + scores
 
@@ -70,13 +73,27 @@ def _analytic(cfg: qwen.QwenConfig, settings: config_lib.RunSettings, state: dic
     if g.compute_dtype != cfg.param_dtype:
         terms["compute-dtype params"] = param_elems * cb
     kv_heads = cfg.num_kv_heads // tensor if cfg.num_kv_heads % tensor == 0 else cfg.num_kv_heads
+    # a decode step on FSDP-sharded weights all-gathers one layer at a time, and the (un)embedding whole
+    fsdp = mesh_shape.get("fsdp", 1)
+    pb = dtype_bytes(cfg.param_dtype)
+    table = cfg.vocab_size * cfg.hidden_size * pb * (1 if cfg.tie_word_embeddings else 2)
+    layer_weights = (cfg.num_params * pb - table) // cfg.num_layers
+    layer_gathered = layer_weights * (fsdp - 1) // fsdp
+    terms["decode gathered weights"] = table * (fsdp - 1) // fsdp + layer_gathered
     roll_rows = rows_per_device(rows, dp)
     terms["rollout KV cache"] = 2 * cfg.num_layers * roll_rows * width * kv_heads * cfg.head_dim * dtype_bytes(cfg.dtype)
     terms["prefill activations"] = _layer_working_set(cfg, roll_rows, prompt, prompt, tensor, dtype_bytes(cfg.dtype))
     micro = rows_per_device(g.ppo_micro_batch_size, dp)
     layer = _layer_working_set(cfg, micro, width, width, tensor, cb)
     saved = cfg.num_layers * micro * width * cfg.hidden_size * cb
-    terms["update activations"] = saved + 2 * layer if cfg.remat == "full" else cfg.num_layers * layer
+    # full remat keeps each layer's input and recomputes one layer at a time (forward, then its backward);
+    # otherwise every layer's working set is kept for the backward pass, which needs one more of its own
+    # (with FSDP, each layer's all-gathered weights are kept for the backward pass too)
+    if cfg.remat == "full":
+        terms["update activations"] = saved + 2 * layer
+    else:
+        kept = _layer_working_set(cfg, micro, width, width, tensor, cb, saved=True) + layer_gathered * cb // pb
+        terms["update activations"] = cfg.num_layers * kept + layer
     vocab = cfg.vocab_size // tensor if cfg.vocab_size % tensor == 0 else cfg.vocab_size
     terms["logits chunk"] = 3 * micro * min(g.logprob_chunk_size, response) * vocab * 4
     terms["log-prob activations"] = _layer_working_set(cfg, rows_per_device(g.logprob_rows, dp), width, width, tensor, cb)
@@ -123,7 +140,7 @@ def plan_config(config: ml_collections.ConfigDict, target: Slice, devices: list[
         analytic=resident_all + terms["rollout KV cache"] + terms["prefill activations"])
     decode, _ = compile_program("rollout decode", sampler._decode_jit, (params, cache, sample_state, key),
                                 resident=resident_all - state["params"], static=static,
-                                analytic=resident_all + terms["rollout KV cache"])
+                                analytic=resident_all + terms["rollout KV cache"] + terms["decode gathered weights"])
     programs += [prefill, decode]
 
     batch = {"input_ids": arr((rows, prompt + response), jnp.int32), "attention_mask": arr((rows, prompt + response), jnp.int32),
@@ -147,3 +164,16 @@ def plan_config(config: ml_collections.ConfigDict, target: Slice, devices: list[
     peak = max(programs, key=lambda p: p.peak)
     return Plan(target, tuple(programs), terms, advice(terms, peak.name, target.hbm_bytes, peak.peak, config),
                 batch_notes(config, dp))
+
+
+def local_slice() -> Slice:
+    """This job's own devices as a slice: their count and the memory limit the backend reports for one
+    (on CPU, which reports none, the host's memory split over the local devices)."""
+    import os
+
+    devices = jax.devices()
+    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+    limit = (stats or {}).get("bytes_limit")
+    if not limit:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, jax.local_device_count())
+    return Slice(f"this job ({devices[0].platform})", len(devices), int(limit), jax.local_device_count())
