@@ -1,13 +1,18 @@
 """Qwen2.5-7B-Instruct on HealthBench with the paper's settings (arXiv 2508.16949):
 n = 8, lr 1e-6 constant, 64 prompts a step, minibatch 32 prompts, 1 PPO epoch, KL 0.001 low_var_kl,
 entropy 0, temperature 0.7, top-p 0.8, top-k 20, 4096 prompt + 4096 response tokens, 350 steps,
-step_sigmoid scaffolding with start 0.20, steepness 125 and no base message.
+step_sigmoid scaffolding with start 0.20, steepness 125 and no base message. Validation on the 400
+shared HealthBench examples every 5 steps. The judge samples as the reference's does: temperature 0.7,
+top-p 0.8, top-k 20, presence penalty 1.5, 2048 tokens, thinking off (Qwen3 judges).
 
 Paths and the judge come from the environment (or --config.key=value):
-    QWEN7B_DIR        a Hugging Face checkpoint directory of Qwen2.5-7B-Instruct
-    JUDGE_BASE_URL    an OpenAI-compatible endpoint, e.g. http://judge-host:8000/v1 (comma-separated for several)
-    JUDGE_MODEL       the judge model name served there
-    JUDGE_API_KEY     its key (read by the judge; never logged)
+    QWEN7B_DIR              a Hugging Face checkpoint directory of Qwen2.5-7B-Instruct (local on each host)
+    HEALTHBENCH_TRAIN_PATH  the training split (required): HealthBench with the val400 examples held out,
+                            HealthBench JSONL or verl parquet; a gs:// URL reaches every host of a pod
+    HEALTHBENCH_VAL_PATH    the validation set (default ../shared/healthbench/healthbench_val400.jsonl)
+    JUDGE_BASE_URL          an OpenAI-compatible endpoint, e.g. http://judge-host:8000/v1 (comma-separated for several)
+    JUDGE_MODEL             the judge model name served there
+    RUSCARL_JUDGE_API_KEY   its key (read by the judge; never logged)
 """
 import os
 
@@ -24,18 +29,21 @@ def get_config():
     c.model.param_dtype = "float32"  # float32 master weights, bfloat16 compute
     c.model.remat = "full"
     c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
-    c.data.update(dict(train_path="../shared/healthbench/healthbench_val400.jsonl", val_path="", batch_size=64,
-                       max_prompt_length=4096, length_policy="drop", val_examples=0))
+    c.data.update(dict(train_path=os.environ.get("HEALTHBENCH_TRAIN_PATH", ""),
+                       val_path=os.environ.get("HEALTHBENCH_VAL_PATH", "../shared/healthbench/healthbench_val400.jsonl"),
+                       batch_size=64, max_prompt_length=4096, length_policy="drop", val_examples=0))
     c.scaffold.update(dict(rule="step_sigmoid", start_point=0.2, steepness=125.0, add_base_when_zero=False,
                            include_evaluation_warning=True))
     c.rollout.update(dict(num_generations=8, max_new_tokens=4096, temperature=0.7, top_p=0.8, top_k=20,
                           prompt_bucket_min=512))
     c.rollout.validation.update(dict(temperature=0.7, top_p=0.8, top_k=20, greedy=False))
     urls = [u for u in os.environ.get("JUDGE_BASE_URL", "").split(",") if u]
-    c.judge.update(dict(base_urls=tuple(urls), model=os.environ.get("JUDGE_MODEL", ""), api_key_env="JUDGE_API_KEY",
-                        max_concurrency=512, timeout_s=180.0, max_retries=6))
+    c.judge.update(dict(base_urls=tuple(urls), model=os.environ.get("JUDGE_MODEL", ""), api_key_env="RUSCARL_JUDGE_API_KEY",
+                        max_concurrency=512, timeout_s=180.0, max_retries=6,
+                        temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.5, max_tokens=2048,
+                        extra_body={"chat_template_kwargs": {"enable_thinking": False}}))
     c.grpo.update(dict(kl_coef=0.001, kl_estimator="low_var_kl", entropy_coeff=0.0, ppo_mini_batch_size=256,
                        ppo_micro_batch_size=8, ppo_epochs=1, logprob_chunk_size=512, compute_dtype="bfloat16"))
     c.optim.update(dict(learning_rate=1e-6, weight_decay=0.01, max_grad_norm=1.0, schedule="constant"))
-    c.trainer.update(dict(total_steps=350, checkpoint_every=25, keep_checkpoints=3, test_freq=0))
+    c.trainer.update(dict(total_steps=350, checkpoint_every=25, keep_checkpoints=3, test_freq=5))
     return c

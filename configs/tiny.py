@@ -39,14 +39,27 @@ def get_config() -> ml_collections.ConfigDict:
         prompt_bucket_min=64,
         validation=dict(temperature=1.0, top_p=1.0, top_k=0, greedy=True),
     ))
-    c.judge = ml_collections.ConfigDict(dict(base_urls=(), model="", api_key_env="RUSCARL_JUDGE_API_KEY",
-                                             ungraded_policy="drop_group"))
+    c.judge = ml_collections.ConfigDict(dict(
+        base_urls=(), model="", api_key_env="RUSCARL_JUDGE_API_KEY", ungraded_policy="drop_group",
+        batch_criteria=False,  # True: one request grades all criteria of a response (per-criterion fallback)
+        template_path="", show_points=True,  # a grader template file with <<placeholders>>; "" = built-in
+        regrade_fraction=0.0,  # fraction of LLM verdicts asked twice; judge/regrade_agreement per step
+        max_parse_failure_rate=placeholder(float),  # e.g. 0.2: a step with more unparseable replies stops the run
+        met_rate_tag_prefixes=("axis:",),  # rubric tags with a judge/met_rate/<tag> metric per step
+    ))
     c.grpo = ml_collections.ConfigDict(dict(
         clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0, loss_agg_mode="token-mean",
         use_kl_loss=True, kl_coef=0.001, kl_estimator="low_var_kl", entropy_coeff=0.0,
         norm_adv_by_std=True, ppo_mini_batch_size=16, ppo_micro_batch_size=8, ppo_epochs=1,
         logprob_micro_batch_size=placeholder(int),  # None: the ppo_micro_batch_size
         logprob_chunk_size=16, compute_dtype="float32",
+        # scaffold gap corrections (off = the reference): rollout_is 'none'|'token' (truncated IS at
+        # rollout_is_threshold); rollout_rs 'none'|'sequence'|'geometric' (reject rows whose ratio leaves
+        # [rollout_rs_threshold_lower or 1/upper, rollout_rs_threshold]); scope 'scaffolded'|'all'
+        rollout_is="none", rollout_is_threshold=2.0, rollout_rs="none", rollout_rs_threshold=2.0,
+        rollout_rs_threshold_lower=placeholder(float), rollout_correction_scope="scaffolded",
+        gap_thresholds=(0.1, 1.0),  # |log-ratio| thresholds of the scaffold_gap/*/frac_abs_gt_* metrics
+        filter_zero_std_groups=False, mask_truncated=False,
     ))
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=3e-3, weight_decay=0.0, max_grad_norm=1.0, schedule="constant", warmup_steps=0,
@@ -55,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
         total_steps=60, checkpoint_every=20, keep_checkpoints=2, test_freq=10, overlap_judge=False,
         save_rollouts=True, tensorboard=True,
         plan_only=False,  # True: print the memory plan of a step on this job's devices (scripts/plan.py) and exit
+        # Weights & Biases beside TensorBoard and metrics.jsonl (pip install 'ruscarl_jax[wandb]'); mode ''
+        # follows WANDB_MODE, 'offline' writes workdir/wandb only (upload later with `wandb sync`)
+        wandb=dict(enabled=False, project="ruscarl_jax", entity="", name="", mode=""),
         compilation_cache_dir="~/.cache/ruscarl_jax/xla",  # "" = JAX's default (JAX_COMPILATION_CACHE_DIR)
     ))
     c.distributed = ml_collections.ConfigDict(dict(

@@ -1,23 +1,24 @@
 """Export a training run's checkpoint as a Hugging Face directory (safetensors + config + tokenizer)
 that transformers and vLLM load.
 
-    python scripts/export.py --config=configs/tiny.py --workdir=runs/tiny --out=exports/tiny [--step=N] [--dtype=bfloat16]
+    python scripts/export.py --workdir=runs/tiny --out=exports/tiny [--step=N] [--dtype=bfloat16]
 
-The config must be the run's (it says how the policy and tokenizer were built); the parameters come
-from the run's latest checkpoint, or --step.
+Everything comes from the workdir (a local path or gs://...): the run's config and tokenizer from its
+snapshot (config.json, tokenizer/), the parameters from its latest checkpoint, or --step. --out may be
+a storage URL too. --config is only for runs written before snapshots existed.
 """
 import logging
 import pathlib
 import sys
+import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The run's config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run directory (default: config.workdir).")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file (default: the workdir's snapshot).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run directory or URL.", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output directory for the Hugging Face checkpoint.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Weight dtype (default: the run's param_dtype).")
@@ -31,14 +32,30 @@ def main(argv):
 
     from ruscarl_jax.models import hf_io
     from ruscarl_jax.trainer import config as config_lib
+    from ruscarl_jax.trainer import snapshot, storage
     from ruscarl_jax.trainer.setup import load_data, load_policy, mesh_from_config, rules_from_config
 
-    config = _CONFIG.value
-    settings = config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
-    workdir = config_lib.resolve_path(_WORKDIR.value or config.workdir, pathlib.Path.cwd())
+    try:
+        storage.check_url(_WORKDIR.value, "--workdir")
+        storage.check_url(_OUT.value, "--out")
+    except storage.StorageError as err:
+        print(f"export: {err}", file=sys.stderr)
+        return 2
+    workdir = config_lib.resolve_path(_WORKDIR.value, pathlib.Path.cwd())
+    out = config_lib.resolve_path(_OUT.value, pathlib.Path.cwd())
+    config = _CONFIG.value or snapshot.load_config(workdir)
+    if config is None:
+        print(f"export: {workdir} has no {snapshot.CONFIG_FILE} (not a run directory?); pass the run's --config",
+              file=sys.stderr)
+        return 2
     mesh, rules = mesh_from_config(config), rules_from_config(config)
-    examples = load_data(config, "train_path") + load_data(config, "val_path")[: int(config.data.get("val_examples", 0)) or None]
-    cfg, params, tokenizer = load_policy(config, mesh, rules, examples, settings.scaffold)
+    tokenizer = snapshot.load_tokenizer(workdir)  # the data files are not needed then (nor checked)
+    examples, scaffold = [], None
+    if tokenizer is None:  # a run from before snapshots: rebuild its tokenizer from its data, as training did
+        scaffold = config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count()).scaffold
+        examples = load_data(config, "train_path") + load_data(config, "val_path")[
+            : int(config.data.get("val_examples", 0)) or None]
+    cfg, params, tokenizer = load_policy(config, mesh, rules, examples, scaffold, tokenizer=tokenizer)
     manager = ocp.CheckpointManager(workdir / "checkpoints")
     step = _STEP.value or manager.latest_step()
     if step is None:
@@ -48,8 +65,12 @@ def main(argv):
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item={"params": target}, restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}),
         partial_restore=True)))
-    out = config_lib.resolve_path(_OUT.value, pathlib.Path.cwd())
-    hf_io.save_checkpoint(out, restored["state"]["params"], cfg, tokenizer, dtype=_DTYPE.value)
+    if storage.is_url(str(out)):  # safetensors and save_pretrained write local files: stage, then copy up
+        with tempfile.TemporaryDirectory(prefix="ruscarl_export_") as local:
+            hf_io.save_checkpoint(local, restored["state"]["params"], cfg, tokenizer, dtype=_DTYPE.value)
+            storage.upload_tree(local, out)
+    else:
+        hf_io.save_checkpoint(out, restored["state"]["params"], cfg, tokenizer, dtype=_DTYPE.value)
     print(f"exported step {step} of {workdir} -> {out}")
     return 0
 

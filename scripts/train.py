@@ -16,7 +16,8 @@ from ml_collections import config_flags  # noqa: E402
 
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Path to an ml_collections config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: config.workdir). An existing one is resumed.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory or URL (gs://BUCKET/PATH; default: config.workdir). "
+                                "An existing one is resumed.")
 
 
 def main(argv):
@@ -24,11 +25,11 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from ruscarl_jax.trainer.config import ConfigError, resolve_path
+    from ruscarl_jax.trainer.config import ConfigError
     from ruscarl_jax.trainer.loop import train
 
     config = _CONFIG.value
-    workdir = resolve_path(_WORKDIR.value or config.workdir, pathlib.Path.cwd())
+    workdir = _WORKDIR.value or config.workdir  # a local path (relative to here) or a URL, e.g. gs://bucket/run
     try:
         last = train(config, workdir)
     except ConfigError as err:

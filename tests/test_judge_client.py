@@ -16,6 +16,18 @@ from ruscarl_jax.judge.settings import JudgeSettings
 FAST = dict(model="fake-judge", api_key_env=None, backoff_base_s=0.01, backoff_max_s=0.05, max_concurrency=8)
 
 
+def paper_config():
+    """configs/qwen7b.py's config (the configs package lives at the repository root)."""
+    import importlib
+    import pathlib
+    import sys
+
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module("configs.qwen7b").get_config()
+
+
 def phrase_example(eid: str, phrases: list[tuple[str, float]]) -> Example:
     rubric = tuple(RubricItem(f'Mentions "{p}"', pts) for p, pts in phrases)
     return Example(eid, (Message("system", "be brief"), Message("user", f"question {eid}")), rubric)
@@ -220,6 +232,27 @@ def test_request_carries_model_sampling_and_extra_body():
     assert [m["role"] for m in body["messages"]] == ["user"]
     assert metrics["prompt_tokens"] == server.prompt_tokens > 0
     assert metrics["completion_tokens"] == server.completion_tokens > 0
+
+
+def test_paper_judge_sampling_reaches_the_server():
+    """configs/qwen7b.py's judge section, as sent: top_p / presence_penalty as OpenAI fields, top_k in the
+    body (vLLM's extension), thinking off; unset optional fields are not sent at all."""
+    judge = paper_config().judge.to_dict()
+    example = phrase_example("e", [("aspirin", 4)])
+    with FakeJudgeServer() as server:
+        settings = JudgeSettings(**{**judge, "base_urls": (server.base_url,), "model": "fake-judge", "api_key_env": None,
+                                    "timeout_s": 10.0})
+        with Judge(settings) as judge_client:
+            judge_client.grade([(example, "aspirin")])
+        body = server.last_body
+        with Judge(JudgeSettings(base_urls=(server.base_url,), timeout_s=10.0, **FAST)) as plain:
+            plain.grade([(example, "aspirin")])
+        default_body = server.last_body
+    assert (body["temperature"], body["top_p"], body["top_k"], body["presence_penalty"], body["max_tokens"]) == (
+        0.7, 0.8, 20, 1.5, 2048)
+    assert body["chat_template_kwargs"] == {"enable_thinking": False}
+    assert default_body["temperature"] == 0.0  # the library's own default stays deterministic
+    assert not {"top_p", "top_k", "presence_penalty"} & set(default_body)
 
 
 def test_retry_after_header_forms():

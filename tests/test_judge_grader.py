@@ -1,5 +1,6 @@
 """The grader prompt's structure and the verdict parser on the shapes judges really return."""
 import json
+import os
 
 import pytest
 
@@ -31,7 +32,11 @@ def test_prompt_shows_conversation_response_and_item_in_order():
                             "assistant: Drink water and rest.")
     assert rubric_item == '[-3] Mentions "hydration"'
     assert "SYSTEM-SECRET-SCAFFOLD" not in prompt  # system turns (and so any scaffold) are never shown
-    assert prompt.index("# Conversation") < prompt.index("# Rubric item") < prompt.index('"criteria_met"')
+    # instructions first, the rubric item last: all but the item is a prefix shared by a response's prompts
+    assert prompt.index('"criteria_met"') < prompt.index("# Conversation") < prompt.rindex("# Rubric item\n[-3]")
+    other = grader_prompt(CONVERSATION, "Drink water and rest.", RubricItem("Says hello", 2.0))
+    shared = len(os.path.commonprefix([prompt, other]))
+    assert prompt[shared:].startswith("-3]") and len(prompt) - shared < 120
     lowered = prompt.lower()
     assert "negative points" in lowered and "undesirable" in lowered  # the note on negative criteria
     assert "json" in lowered and '"explanation"' in prompt

@@ -112,6 +112,12 @@ def test_settings_from_config_values():
     ({"extra_body": {"model": "other"}}, "extra_body"),
     ({"extra_body": [1, 2]}, "extra_body"),
     ({"api_key_env": ""}, "api_key_env"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"top_k": 2.5}, "top_k"),
+    ({"presence_penalty": 3.0}, "presence_penalty"),
+    ({"extra_body": {"top_k": 5}}, "extra_body"),
 ])
 def test_settings_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"JudgeSettings.{field}:"):

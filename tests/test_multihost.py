@@ -1,16 +1,22 @@
 """Multi-host training on JAX's distributed runtime: two real processes on 127.0.0.1 (2 CPU devices
-each, gloo collectives) against one process with 4 devices, on the tiny config.
+each, gloo collectives) against one process with 4 devices, on the tiny config, with the SAME flags:
+batch sizes are global, minibatches are smaller than the step, data and minibatch shuffles are on.
 
-- The two-process run's final parameters equal the one-process run's.
-- A checkpoint written by the two processes resumes in one 4-device process, and one written by a
-  4-device process resumes in two processes, each continuing to the same parameters.
+- Both layouts log identical metrics every step (validation included) and end with identical parameters.
+- Checkpoints move between layouts: resuming a two-process checkpoint in one process, and the other
+  way round, continues to the parameters of the uninterrupted run.
+- A SIGTERM to ONE of the two processes mid-run stops both at the same step (JAX's preemption sync
+  point): both exit 0 with that step's checkpoint, and resuming reaches the uninterrupted parameters.
 """
+import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -18,12 +24,16 @@ from run_utils import checkpoint_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, str(ROOT / "scripts" / "train.py")]
-GLOBAL_PROMPTS = 4
-COMMON = ["--config.rollout.num_generations=2", "--config.rollout.max_new_tokens=6",
-          "--config.grpo.ppo_mini_batch_size=8", "--config.grpo.ppo_micro_batch_size=2",
-          "--config.grpo.logprob_micro_batch_size=2",
-          "--config.trainer.checkpoint_every=1", "--config.trainer.test_freq=0", "--config.model.tiny.num_layers=1",
+STEPS = 6
+# 4 prompts x 2 generations = 8 rows a step; minibatches of 4 rows, 2 epochs: 4 updates a step.
+COMMON = ["--config.data.batch_size=4", "--config.rollout.num_generations=2", "--config.rollout.max_new_tokens=6",
+          "--config.grpo.ppo_mini_batch_size=4", "--config.grpo.ppo_micro_batch_size=4",
+          "--config.grpo.logprob_micro_batch_size=4", "--config.grpo.ppo_epochs=2",
+          "--config.grpo.entropy_coeff=0.01",  # every update moves the parameters, whatever the rewards
+          "--config.trainer.checkpoint_every=1", "--config.trainer.keep_checkpoints=10",
+          "--config.trainer.test_freq=3", "--config.data.val_examples=6", "--config.model.tiny.num_layers=1",
           "--config.trainer.tensorboard=False", "--config.trainer.compilation_cache_dir=", "--config.data.shuffle=True"]
+TIMING = ("rollout_seconds", "judge_seconds", "update_seconds", "tokens_per_second", "judge_hidden_seconds")
 
 
 def _free_port() -> int:
@@ -39,27 +49,45 @@ def _env(devices: int) -> dict:
     return env
 
 
-def _single(workdir, steps):
-    proc = subprocess.run(TRAIN + [f"--workdir={workdir}", f"--config.trainer.total_steps={steps}",
-                                   f"--config.data.batch_size={GLOBAL_PROMPTS}", *COMMON],
+def _single(workdir, steps=STEPS, *flags):
+    proc = subprocess.run(TRAIN + [f"--workdir={workdir}", f"--config.trainer.total_steps={steps}", *COMMON, *flags],
                           capture_output=True, text=True, env=_env(4), timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
-def _pair(workdir, steps):
+def _start_pair(workdir, steps, *flags):
     port = _free_port()
-    procs = [subprocess.Popen(TRAIN + [
-        f"--workdir={workdir}", f"--config.trainer.total_steps={steps}",
-        f"--config.data.batch_size={GLOBAL_PROMPTS // 2}", *COMMON,
+    return [subprocess.Popen(TRAIN + [
+        f"--workdir={workdir}", f"--config.trainer.total_steps={steps}", *COMMON, *flags,
         f"--config.distributed.coordinator_address=127.0.0.1:{port}", "--config.distributed.num_processes=2",
         f"--config.distributed.process_id={i}", "--config.distributed.cpu_collectives=gloo"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(2), cwd=ROOT) for i in range(2)]
-    outs = [p.communicate(timeout=900) for p in procs]
-    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i}:\n{err[-4000:]}"
 
 
-_params = checkpoint_params
+def _finish(procs) -> list[str]:
+    errs = []
+    for i, p in enumerate(procs):
+        try:
+            _, err = p.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{err[-4000:]}"
+        errs.append(err)
+    return errs
+
+
+def _pair(workdir, steps=STEPS, *flags):
+    return _finish(_start_pair(workdir, steps, *flags))
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _steps(workdir):
+    return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def _assert_same(a, b):
@@ -71,27 +99,62 @@ def _assert_same(a, b):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     single, pair = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("pair")
-    _single(single, 2)
-    _pair(pair, 2)
+    _single(single)
+    _pair(pair)
     return single, pair
 
 
-def test_two_processes_equal_one_process_with_four_devices(runs):
+def test_same_flags_give_the_same_run_on_any_layout(runs):
     single, pair = runs
-    _assert_same(_params(pair, 2), _params(single, 2))
-    # both hosts took part: the metrics (written by process 0 only) cover every step once
-    assert (pair / "metrics.jsonl").read_text().count("\n") == 2
-    # the first step's update really moved the parameters
-    assert any(np.abs(_params(single, 2)[k] - _params(single, 1)[k]).max() > 0 for k in _params(single, 1))
+    one, two = _metrics(single), _metrics(pair)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, STEPS + 1))
+    for a, b in zip(one, two):
+        assert a.keys() == b.keys()
+        assert a["num_updates"] == 4  # minibatches smaller than the step, two epochs
+        for key in a:
+            if key not in TIMING and isinstance(a[key], (int, float)):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    assert "val/score" in one[2] and "val/score" in one[5]
+    _assert_same(checkpoint_params(pair, STEPS), checkpoint_params(single, STEPS))
+    # every step's update really moved the parameters
+    p1, p2 = checkpoint_params(single, 1), checkpoint_params(single, 2)
+    assert any(np.abs(p2[k] - p1[k]).max() > 1e-4 for k in p1)
 
 
 def test_checkpoints_move_between_layouts(runs, tmp_path):
     single, pair = runs
-    # two-process checkpoint -> one process, and one-process checkpoint -> two processes, to step 3
+    # a two-process checkpoint of step 3 resumed in one process, and a one-process one in two processes
     from_pair, from_single = tmp_path / "from_pair", tmp_path / "from_single"
-    shutil.copytree(pair, from_pair)
-    shutil.copytree(single, from_single)
-    _single(from_pair, 3)
-    _pair(from_single, 3)
-    _assert_same(_params(from_pair, 3), _params(from_single, 3))
-    _assert_same(_params(from_pair, 2), _params(pair, 2))
+    for src, dst in ((pair, from_pair), (single, from_single)):
+        shutil.copytree(src, dst)
+        for step in _steps(dst):
+            if step > 3:
+                shutil.rmtree(dst / "checkpoints" / str(step))
+    _single(from_pair)
+    _pair(from_single)
+    final = checkpoint_params(single, STEPS)
+    _assert_same(checkpoint_params(from_pair, STEPS), final)
+    _assert_same(checkpoint_params(from_single, STEPS), final)
+    assert [r["step"] for r in _metrics(from_single)] == list(range(1, STEPS + 1))
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(runs, tmp_path):
+    single, _ = runs
+    procs = _start_pair(tmp_path, STEPS, "--config.trainer.checkpoint_every=1000")
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:  # step 1 done: the runtime is up
+            break
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)  # process 1 only; process 0 is never signalled
+    errs = _finish(procs)
+    saved = _steps(tmp_path)
+    assert len(saved) == 1 and 1 <= saved[0] < STEPS, f"the preemption must land mid-run; checkpoints: {saved}"
+    for i, err in enumerate(errs):
+        assert f"preemption sync point reached at step {saved[0]}" in err, f"process {i}:\n{err[-3000:]}"
+    assert [r["step"] for r in _metrics(tmp_path)] == list(range(1, saved[0] + 1))
+    _pair(tmp_path, STEPS, "--config.trainer.checkpoint_every=1000")
+    assert _steps(tmp_path)[-1] == STEPS
+    _assert_same(checkpoint_params(tmp_path, STEPS), checkpoint_params(single, STEPS))
+    assert [r["step"] for r in _metrics(tmp_path)] == list(range(1, STEPS + 1))

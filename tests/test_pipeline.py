@@ -47,17 +47,18 @@ def test_drop_remainder():
 
 
 @pytest.mark.parametrize("num_epochs", [1, 2])
-def test_processes_partition_each_global_batch(num_epochs):
-    examples, batch, procs = _examples(23), 2, 3
+def test_processes_take_contiguous_slices_of_each_global_batch(num_epochs):
+    examples, batch, procs = _examples(23), 6, 3
     cfg = PipelineSettings(batch_size=batch, seed=5, num_epochs=num_epochs)
     single = list(itertools.chain.from_iterable(_ids(BatchIterator(examples, PipelineSettings(
         batch_size=1, seed=5, num_epochs=num_epochs), 0, 1))))  # the shuffled stream, unsharded
     per_process = [_ids(BatchIterator(examples, cfg, p, procs)) for p in range(procs)]
-    steps = (23 * num_epochs) // (batch * procs)
+    steps = (23 * num_epochs) // batch
     assert [len(b) for b in per_process] == [steps] * procs  # every process gets the same number of batches
+    one_process = _ids(BatchIterator(examples, cfg, 0, 1))
     for j in range(steps):
-        union = sorted(itertools.chain.from_iterable(per_process[p][j] for p in range(procs)))
-        assert union == sorted(single[j * batch * procs:(j + 1) * batch * procs])
+        joined = list(itertools.chain.from_iterable(per_process[p][j] for p in range(procs)))
+        assert joined == single[j * batch:(j + 1) * batch] == one_process[j]  # same global order on any layout
     if num_epochs == 1:
         seen = collections.Counter(itertools.chain.from_iterable(itertools.chain.from_iterable(per_process)))
         assert max(seen.values()) == 1  # no example twice within the epoch across processes
@@ -66,7 +67,7 @@ def test_processes_partition_each_global_batch(num_epochs):
 @pytest.mark.parametrize("num_epochs,take", [(None, 7), (2, 3)])
 def test_resume_is_exact(num_epochs, take):
     examples = _examples(11)
-    cfg = PipelineSettings(batch_size=3, seed=9, num_epochs=num_epochs)
+    cfg = PipelineSettings(batch_size=4, seed=9, num_epochs=num_epochs)
     reference = BatchIterator(examples, cfg, 1, 2)
     expected = _ids(itertools.islice(reference, take + 6))
 
@@ -104,7 +105,9 @@ def test_bad_settings():
     with pytest.raises(ValueError, match="num_epochs"):
         PipelineSettings(batch_size=1, num_epochs=0)
     with pytest.raises(ValueError, match="cannot fill one global batch"):
-        make_dataset(_examples(3), PipelineSettings(batch_size=2, num_epochs=1), 0, 2)
+        make_dataset(_examples(3), PipelineSettings(batch_size=4, num_epochs=1), 0, 2)
+    with pytest.raises(ValueError, match="does not split over 2 processes"):
+        make_dataset(_examples(9), PipelineSettings(batch_size=3), 0, 2)
     with pytest.raises(ValueError, match="process_index"):
         make_dataset(_examples(3), PipelineSettings(batch_size=1), 2, 2)
 
@@ -113,4 +116,4 @@ def test_default_process_comes_from_jax():
     import jax
 
     ds = make_dataset(_examples(8), PipelineSettings(batch_size=2, seed=0, num_epochs=1))
-    assert len(ds) == 8 // (2 * jax.process_count())
+    assert len(ds) == 8 // 2  # global batches; each process holds its share of every one

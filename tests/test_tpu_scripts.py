@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 
@@ -38,7 +39,9 @@ if args[:4] == ["compute", "tpus", "tpu-vm", "scp"]:
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("TPU_NAME", "TPU_ZONE", "TPU_PROJECT", "DRY_RUN", "JUDGE_BASE_URL",
-                        "RUSCARL_JUDGE_API_KEY", "RUSCARL_REMOTE_DIR")}
+                        "RUSCARL_JUDGE_API_KEY", "RUSCARL_REMOTE_DIR", "JUDGE_MODEL", "QWEN7B_DIR",
+                        "HEALTHBENCH_TRAIN_PATH", "HEALTHBENCH_VAL_PATH", "RUSCARL_COORDINATOR_ADDRESS",
+                        "RUSCARL_NUM_PROCESSES", "RUSCARL_PROCESS_ID")}
     env.update(extra)
     return env
 
@@ -196,7 +199,7 @@ def test_launch_dry_run_shows_variable_names_never_the_key():
     assert words[i + 1:i + 5] == ["--config=configs/qwen7b.py", "--workdir=gs://bkt/ruscarl/run1",
                                   "--config.trainer.total_steps=350", "--config.run_name=a b"]
     assert "JUDGE_BASE_URL=http://10.1.2.3:8000/v1" in words
-    assert "RUSCARL_COORDINATOR_ADDRESS=auto" in words
+    assert "RUSCARL_COORDINATOR_ADDRESS=${RUSCARL_COORDINATOR_ADDRESS:-auto}" in words
     assert 'RUSCARL_JUDGE_API_KEY="$(cat ~/.ruscarl_secret_RUSCARL_JUDGE_API_KEY)";' in remote
 
 
@@ -233,3 +236,71 @@ def test_launch_sends_the_key_in_a_file_only(fake_gcloud):
     assert not local_key.exists()  # the local temp file is gone
     dry = _gcloud_lines(_run("launch.sh", *args, "--dry-run", env=env).stdout)
     assert real[1] == dry[1] and real[0][6:] == dry[0][6:]
+
+
+def _wait_for_exit(pid: int, timeout_s: float) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_launch_trains_the_tiny_config_on_two_loopback_workers(tmp_path):
+    """The real launch command line, run: tests/loopback_gcloud/gcloud turns `ssh --worker=all` into two
+    local worker processes (own home, RUSCARL_* coordinator 127.0.0.1 and process ids, gloo CPU
+    collectives) that train the tiny config together into one shared workdir."""
+    root = tmp_path / "pod"
+    for i in range(2):  # what tpu/setup.sh leaves on a worker: the checkout and its .venv
+        checkout = root / f"worker{i}" / "ruscarl_jax"
+        (checkout / ".venv" / "bin").mkdir(parents=True)
+        for name in ("ruscarl_jax", "scripts", "configs", "data"):
+            (checkout / name).symlink_to(REPO / name)
+        python = checkout / ".venv" / "bin" / "python"
+        python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+        python.chmod(0o755)
+    workdir = tmp_path / "run"  # shared by both workers, as a gs:// workdir is on a pod
+    env = _env(PATH=f"{REPO / 'tests' / 'loopback_gcloud'}{os.pathsep}{os.environ['PATH']}",
+               LOOPBACK_TPU_ROOT=str(root), LOOPBACK_TPU_WORKERS="2", JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
+    train_flags = ["--config.trainer.total_steps=2", "--config.data.batch_size=4", "--config.rollout.num_generations=2",
+                   "--config.rollout.max_new_tokens=6", "--config.grpo.ppo_mini_batch_size=8",
+                   "--config.grpo.ppo_micro_batch_size=4", "--config.trainer.checkpoint_every=1",
+                   "--config.trainer.test_freq=0", "--config.model.tiny.num_layers=1",
+                   "--config.trainer.tensorboard=False", "--config.trainer.compilation_cache_dir=",
+                   "--config.distributed.cpu_collectives=gloo"]
+    res = _run("launch.sh", *LOC, "--config", "configs/tiny.py", f"--workdir={workdir}", "--no-api-key", "--",
+               *train_flags, env=env)
+    assert res.returncode == 0, res.stderr
+    logs = [root / f"worker{i}" / "ruscarl_jax" / "logs" for i in range(2)]
+    pids = [int((log / "train.pid").read_text()) for log in logs]
+    for pid in pids:
+        assert _wait_for_exit(pid, 900), f"worker process {pid} still running"
+    texts = [(log / "train.log").read_text() for log in logs]
+    for i, text in enumerate(texts):
+        assert f"distributed: process {i} of 2, coordinator 127.0.0.1:" in text, text[-3000:]
+        assert "done: step 2" in text, text[-3000:]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert (workdir / "checkpoints" / "2").is_dir() and (workdir / "config.json").is_file()
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["distributed"]["cpu_collectives"] == "gloo" and saved["data"]["batch_size"] == 4
+
+
+def test_launch_refuses_data_the_workers_cannot_read(tmp_path):
+    env = _env(HEALTHBENCH_TRAIN_PATH="/home/me/healthbench_train.jsonl")
+    res = _run("launch.sh", *LOC, "--config", "configs/qwen7b.py", "--workdir=gs://b/r", "--no-api-key", "--dry-run",
+               env=env)
+    assert res.returncode == 2 and "HEALTHBENCH_TRAIN_PATH=/home/me/healthbench_train.jsonl is a local path" in res.stderr
+    res = _run("launch.sh", *LOC, "--config", "configs/qwen7b.py", "--workdir=gs://b/r", "--no-api-key", "--dry-run",
+               "--", "--config.data.val_path=../shared/healthbench/healthbench_val400.jsonl")
+    assert res.returncode == 2 and "--config.data.val_path=../shared" in res.stderr
+    env = _env(HEALTHBENCH_TRAIN_PATH="gs://b/healthbench_train.jsonl", JUDGE_MODEL="qwen3-judge")
+    res = _run("launch.sh", *LOC, "--config", "configs/qwen7b.py", "--workdir=gs://b/r", "--no-api-key", "--dry-run",
+               env=env)
+    assert res.returncode == 0, res.stderr
+    remote = next(a for a in _gcloud_lines(res.stdout)[0] if a.startswith("--command="))
+    assert "HEALTHBENCH_TRAIN_PATH=gs://b/healthbench_train.jsonl" in remote and "JUDGE_MODEL=qwen3-judge" in remote

@@ -18,8 +18,13 @@ Each worker joins the slice through jax.distributed (RUSCARL_COORDINATOR_ADDRESS
                        (a local path is per worker). Relaunching with the same workdir resumes.
   --judge-base-url URL the judge endpoint, exported as JUDGE_BASE_URL on the workers
                        (default: \$JUDGE_BASE_URL here; unset: the config's own setting)
+Config variables set here are exported on the workers too: $FORWARDED.
+Data must reach every worker: data paths (HEALTHBENCH_*_PATH, --config.data.*_path=) are gs:// URLs
+or files inside the repository checkout (which tpu/setup.sh copies); other local paths are refused.
+The config file travels with the checkout (tpu/setup.sh); the run writes its resolved config and
+tokenizer to the workdir (config.json, tokenizer/), and a relaunch resumes with them.
   --api-key-env VAR    the variable holding the judge API key, as named by the config's
-                       judge.api_key_env (default RUSCARL_JUDGE_API_KEY). Its value is copied to each
+                       judge.api_key_env (default RUSCARL_JUDGE_API_KEY, the name every config uses). Its value is copied to each
                        worker in a 0600 file that the worker reads into VAR and deletes at start:
                        it never appears on a command line or in output.
   --no-api-key         the judge needs no key (e.g. a vLLM server inside the VPC)
@@ -28,6 +33,7 @@ Words after -- go to scripts/train.py (e.g. -- --config.trainer.total_steps=350)
 USAGE
 }
 
+FORWARDED="JUDGE_MODEL QWEN7B_DIR HEALTHBENCH_TRAIN_PATH HEALTHBENCH_VAL_PATH"
 CONFIG=""
 WORKDIR=""
 JUDGE_URL="${JUDGE_BASE_URL:-}"
@@ -60,8 +66,29 @@ if [[ $WORKDIR != gs://* ]]; then
     "and a multi-host checkpoint cannot be restored from it; use gs://BUCKET/PATH"
 fi
 
-env_words="RUSCARL_COORDINATOR_ADDRESS=auto PYTHONUNBUFFERED=1"
+# data_path NAME VALUE: refuses a data path that the workers cannot read (not gs://, not in the checkout).
+data_path() {
+  case "$2" in
+    gs://* | "") ;;
+    /* | '~'* | ../* | *'/../'*) die "$1=$2 is a local path outside the checkout: the workers cannot read it;" \
+      "copy it to a bucket (gcloud storage cp FILE gs://BUCKET/...) and pass the gs:// URL" ;;
+    *) [[ -f $ROOT/$2 ]] || info "warning: $1=$2 is not in this checkout; the workers must have it" ;;
+  esac
+}
+
+# The worker keeps its own RUSCARL_COORDINATOR_ADDRESS when it has one; a TPU VM has none: auto-detect.
+# shellcheck disable=SC2016  # expanded on the worker, not here
+env_words='RUSCARL_COORDINATOR_ADDRESS="${RUSCARL_COORDINATOR_ADDRESS:-auto}" PYTHONUNBUFFERED=1'
 if [[ -n $JUDGE_URL ]]; then env_words="$env_words JUDGE_BASE_URL=$(quote "$JUDGE_URL")"; fi
+for name in $FORWARDED; do
+  if [[ -n ${!name:-} ]]; then
+    if [[ $name == *_PATH ]]; then data_path "$name" "${!name}"; fi
+    env_words="$env_words $name=$(quote "${!name}")"
+  fi
+done
+for word in ${EXTRA[@]+"${EXTRA[@]}"}; do
+  if [[ $word =~ ^--config\.data\.[a-z_]*path= ]]; then data_path "${word%%=*}" "${word#*=}"; fi
+done
 
 secret=""
 if [[ $NO_API_KEY == 0 ]]; then

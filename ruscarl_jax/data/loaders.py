@@ -22,8 +22,9 @@ import json
 import logging
 import math
 import os
-import pathlib
 from typing import Any, Iterator
+
+from etils import epath
 
 from ruscarl_jax.data.types import RULE_FUNCTIONS, ROLES, Example, Message, RubricItem
 
@@ -184,9 +185,9 @@ def _example(row: Any, id_keys: tuple[str, ...], messages_key: str, rubric_key: 
     return Example(id=example_id, messages=messages, rubric=rubric), id_field
 
 
-def _jsonl_rows(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
+def _jsonl_rows(path: epath.Path) -> Iterator[tuple[str, Any]]:
     """Yield ("line N", parsed object or _RowError) for each non-blank line."""
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         for number, raw in enumerate(f, start=1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
@@ -204,11 +205,12 @@ def _jsonl_rows(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
                     None, f"invalid or truncated JSON ({e.msg} at column {e.colno})", "bad_json")
 
 
-def _verl_rows(path: pathlib.Path) -> Iterator[tuple[str, Any]]:
+def _verl_rows(path: epath.Path) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq  # only needed for this format
 
     try:
-        table = pq.read_table(path)
+        with epath.Path(path).open("rb") as f:
+            table = pq.read_table(f)
     except Exception as e:  # pyarrow raises several types for unreadable files
         raise DataError(str(path), None, None, f"cannot read parquet: {e}", "bad_file") from e
     for column in ("prompt", "reward_model"):
@@ -242,7 +244,7 @@ def _verl_example(row: dict) -> tuple[Example, str]:
 
 def detect_format(path: str | os.PathLike) -> str:
     """The format of `path`: "verl" for parquet, else from the keys of the first JSON object."""
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if path.suffix == ".parquet":
         return "verl"
     for _, row in _jsonl_rows(path):
@@ -265,7 +267,7 @@ def load_examples(path: str | os.PathLike, fmt: str = "auto", on_bad_row: str = 
         raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if on_bad_row not in BAD_ROW_POLICIES:
         raise ValueError(f"on_bad_row must be one of {', '.join(BAD_ROW_POLICIES)}, got {on_bad_row!r}")
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
     fmt = detect_format(path) if fmt == "auto" else fmt
@@ -304,7 +306,7 @@ def load_examples(path: str | os.PathLike, fmt: str = "auto", on_bad_row: str = 
 
 def save_jsonl(examples: list[Example], path: str | os.PathLike) -> None:
     """Write examples in the plain "jsonl" format (the fields of `Example`), UTF-8, one a line."""
-    with open(path, "w", encoding="utf-8") as f:
+    with epath.Path(path).open("w", encoding="utf-8") as f:
         for ex in examples:
             row = {
                 "id": ex.id,

@@ -1,14 +1,15 @@
 """The training data pipeline: batches of examples from a grain MapDataset, resumable exactly.
 
 Order of operations: seeded global shuffle (a fresh permutation each epoch) -> repeat for `num_epochs`
-(None = forever) -> cut the stream to a whole number of global batches -> shard by process
-(`process_index::process_count`) -> batch `batch_size` examples per process, dropping the remainder.
-Sharding the stream before batching means global batch j is the contiguous stretch
-[j * B * P, (j + 1) * B * P) of the shuffled stream, spread over the P processes, so every process
-yields the same number of batches. An epoch boundary may fall inside a batch.
+(None = forever) -> global batches of `batch_size` examples (the remainder dropped) -> process p of P
+keeps the contiguous slice [p * B / P, (p + 1) * B / P) of each global batch. Global batch j is the
+stretch [j * B, (j + 1) * B) of the shuffled stream whatever the process count, and concatenating the
+processes' shares in process order gives it back in stream order, so a run's global row order (and
+everything derived from it) does not depend on the process layout. An epoch boundary may fall inside
+a batch.
 
-A batch element is a `list[Example]` of length `batch_size` (this process's share of the global
-batch). `BatchIterator.get_state()` is a small JSON-serialisable dict; `set_state()` on an iterator
+A batch element is a `list[Example]` of length `batch_size / process_count` (this process's share of
+the global batch). `BatchIterator.get_state()` is a small JSON-serialisable dict; `set_state()` on an iterator
 built with the same arguments continues exactly where the saved one was.
 
 Cost note: grain's index shuffle walks cycles, which is slow for tiny datasets (about 10 ms per element
@@ -29,7 +30,7 @@ _STATE_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class PipelineSettings:
-    """batch_size is per process; the global batch is batch_size * process_count examples."""
+    """batch_size counts the GLOBAL batch (all processes); it must divide by the process count."""
 
     batch_size: int
     seed: int = 0
@@ -58,22 +59,26 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 
 def make_dataset(examples: Sequence[Example], settings: PipelineSettings, process_index: int | None = None,
                  process_count: int | None = None) -> grain.MapDataset:
-    """The batched MapDataset of this process (len() is sys.maxsize when num_epochs is None)."""
+    """The batched MapDataset of this process (practically endless when num_epochs is None)."""
     if not examples:
         raise ValueError("make_dataset needs at least one example")
     index, count = _process(process_index, process_count)
-    global_batch = settings.batch_size * count
+    global_batch = settings.batch_size
+    if global_batch % count:
+        raise ValueError(f"PipelineSettings.batch_size={global_batch} (the global batch) does not split over "
+                         f"{count} processes")
     if settings.num_epochs is not None and len(examples) * settings.num_epochs < global_batch:
         raise ValueError(f"{len(examples)} examples x {settings.num_epochs} epochs cannot fill one global batch "
-                         f"of {global_batch} ({settings.batch_size} per process x {count} processes)")
+                         f"of {global_batch}")
     ds = grain.MapDataset.source(list(examples))
     if settings.shuffle:
         ds = ds.shuffle(seed=settings.seed)
     ds = ds.repeat(settings.num_epochs)
     if len(ds) != sys.maxsize:
         ds = ds[: (len(ds) // global_batch) * global_batch]
-    ds = ds[index::count]
-    return ds.batch(settings.batch_size, drop_remainder=True, batch_fn=list)
+    share = global_batch // count
+    ds = ds.batch(global_batch, drop_remainder=True, batch_fn=list)
+    return ds.map(lambda batch: batch[index * share:(index + 1) * share])
 
 
 class BatchIterator:

@@ -209,10 +209,10 @@ class ChatClient:
             endpoints.append(_Endpoint(index=i, url=url, clients=clients, cap=cap, free_lanes=free))
         self.pool = EndpointPool(endpoints, settings.endpoint_failures_to_down, settings.endpoint_cooldown_s,
                                  max(settings.endpoint_cooldown_s, settings.backoff_max_s * 4))
-        self._body = {"model": settings.model, "temperature": settings.temperature,
-                      "max_tokens": settings.max_tokens, **dict(settings.extra_body or {})}
+        self._body = {"model": settings.model, **settings.sampling_body()}
         self.errors: dict[str, int] = {}
         self.requests = 0
+        self.retries = 0  # attempts after the first, over all prompts
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.request_latencies: list[float] = []
@@ -235,6 +235,7 @@ class ChatClient:
         attempts = 0
         for attempt in range(self.settings.max_retries + 1):
             if attempt:
+                self.retries += 1
                 await asyncio.sleep(self.backoff_s(attempt))
             async with self._global:
                 ep, lane = await self.pool.acquire()

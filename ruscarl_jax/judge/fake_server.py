@@ -23,6 +23,11 @@ Faults (`Faults`): each request, with probability `rate`, gets one fault drawn f
 without a reply), "malformed" (a verdict that is not JSON), "nonbool" (criteria_met is a string).
 `fault_plan(n, prompt)` can instead script the fault of the n-th request (0-based).
 
+Batched prompts (`judge.batched`) get a JSON list with one entry per item. Faults only they feel
+(`BATCH_FAULT_KINDS`, never drawn unless listed in `kinds`): "partial" (the last item left out and the
+first item's criteria_met a string), "badindex" (every index shifted out of range). On them "malformed"
+is a reply with no JSON list; on single-criterion prompts the batch faults do nothing.
+
 Counters (thread-safe, see `stats()`): requests, the most requests in flight at once, replies per
 status, faults per kind, requests per (response, criterion) key, tokens, the model names and the
 Authorization headers seen.
@@ -44,9 +49,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ruscarl_jax.judge.batched import is_batched_prompt, split_batched_prompt
 from ruscarl_jax.judge.grader import split_prompt
 
 FAULT_KINDS: tuple[str, ...] = ("429", "500", "slow", "drop", "malformed", "nonbool")
+BATCH_FAULT_KINDS: tuple[str, ...] = ("partial", "badindex")
 STYLES: tuple[str, ...] = ("bare", "fenced", "prose", "think")
 _QUOTED = re.compile(r'"([^"]+)"')
 _POINTS = re.compile(r"^\[[-+0-9.eE]+\] ")
@@ -61,9 +68,10 @@ class Faults:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = set(self.kinds) - set(FAULT_KINDS)
+        unknown = set(self.kinds) - set(FAULT_KINDS + BATCH_FAULT_KINDS)
         if unknown or not 0.0 <= self.rate <= 1.0:
-            raise ValueError(f"Faults: rate must be in [0, 1] and kinds among {FAULT_KINDS}; got {self.rate}, {sorted(unknown)}")
+            raise ValueError(f"Faults: rate must be in [0, 1] and kinds among {FAULT_KINDS + BATCH_FAULT_KINDS}; "
+                             f"got {self.rate}, {sorted(unknown)}")
 
 
 def criterion_met(response: str, criterion: str) -> bool:
@@ -73,12 +81,24 @@ def criterion_met(response: str, criterion: str) -> bool:
     return bool(phrases) and all(p.casefold() in text for p in phrases)
 
 
-def parse_grader_prompt(prompt: str) -> tuple[str, str]:
-    """(response, criterion) from a grading prompt."""
-    conversation, item = split_prompt(prompt)
+def _last_response(conversation: str) -> str:
     cut = conversation.rfind("\n\nassistant: ")
-    response = conversation[cut + len("\n\nassistant: "):] if cut >= 0 else conversation.removeprefix("assistant: ")
-    return response, _POINTS.sub("", item.strip(), count=1)
+    return conversation[cut + len("\n\nassistant: "):] if cut >= 0 else conversation.removeprefix("assistant: ")
+
+
+def parse_grader_prompt(prompt: str) -> tuple[str, str]:
+    """(response, criterion) from a grading prompt; for a batched prompt the criterion is '' (see
+    `parse_batched_grader_prompt`)."""
+    if is_batched_prompt(prompt):
+        return _last_response(split_batched_prompt(prompt)[0]), ""
+    conversation, item = split_prompt(prompt)
+    return _last_response(conversation), _POINTS.sub("", item.strip(), count=1)
+
+
+def parse_batched_grader_prompt(prompt: str) -> tuple[str, list[tuple[int, str]]]:
+    """(response, [(index, criterion)]) from a batched grading prompt."""
+    conversation, items = split_batched_prompt(prompt)
+    return _last_response(conversation), [(j, _POINTS.sub("", text.strip(), count=1)) for j, text in items]
 
 
 def _styled(verdict: dict[str, Any], style: str) -> str:
@@ -276,7 +296,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         met = criterion_met(response, criterion)
         digest = hashlib.sha256(prompt.encode()).digest()
         style = STYLES[digest[0] % len(STYLES)] if owner.style == "mixed" else owner.style
-        if fault == "malformed":
+        if is_batched_prompt(prompt):
+            content = _batched_answer(prompt, fault, style)
+        elif fault == "malformed":
             content = "The reply meets the item: criteria_met = yes"
         elif fault == "nonbool":
             content = _styled({"explanation": "see above", "criteria_met": "yes" if met else "no"}, style)
@@ -286,7 +308,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(content.split())}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         with owner._lock:
-            if fault is None or fault == "slow":
+            if fault in (None, "slow") + BATCH_FAULT_KINDS and not is_batched_prompt(prompt):
                 owner.verdicts_served[(response, criterion)] += 1
             owner.prompt_tokens += usage["prompt_tokens"]
             owner.completion_tokens += usage["completion_tokens"]
@@ -296,6 +318,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
             "usage": usage,
         })
+
+
+def _batched_answer(prompt: str, fault: str | None, style: str) -> str:
+    """The list reply to a batched prompt, with its fault applied."""
+    if fault == "malformed":
+        return "All items look fine to me: criteria_met = yes for each."
+    response, items = parse_batched_grader_prompt(prompt)
+    entries = [{"index": j, "explanation": "checked the quoted phrases", "criteria_met": criterion_met(response, c)}
+               for j, c in items]
+    if fault == "partial":
+        entries = entries[:-1]
+        if entries:
+            entries[0]["criteria_met"] = "yes"
+    elif fault == "badindex":
+        entries = [{**e, "index": e["index"] + 1000} for e in entries]
+    body = json.dumps(entries)
+    if style == "fenced" or style == "think":
+        return f"```json\n{body}\n```"
+    if style == "prose":
+        return f"Here are my grades.\n{body}\nDone."
+    return body
 
 
 def main(argv: list[str] | None = None) -> None:

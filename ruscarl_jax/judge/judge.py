@@ -8,8 +8,10 @@
 The judge runs its own asyncio event loop on a background thread, so `submit` returns at once and the
 trainer can sample the next batch while this one is graded. Within a batch (and across batches submitted
 together) every criterion of every response is in flight at once, up to the concurrency bounds of
-`JudgeSettings`. LLM criteria are graded one per request from the ORIGINAL conversation of the example
-(never a scaffold) plus the response; rule criteria (`verifier:rule`) by `verifiers.check_rule`, on a
+`JudgeSettings`. LLM criteria are graded one per request (or, with batch_criteria, all of a response in
+one request, any it does not return validly then one per request) from the ORIGINAL conversation of
+the example (never a scaffold) plus the response; with regrade_fraction a hash-chosen sample of fresh
+verdicts is asked again and the agreement counted (`metrics`, `judge.telemetry`); rule criteria (`verifier:rule`) by `verifiers.check_rule`, on a
 worker thread. Every criterion ends in a verdict or an explicit ungraded record (see `rewards`).
 
 `submit` validates the whole batch before any request: a rule item with an unknown function or a bad
@@ -21,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import hashlib
 import os
 import threading
 import time
@@ -32,7 +35,8 @@ import numpy as np
 from ruscarl_jax.data.types import Example
 from ruscarl_jax.judge.cache import VerdictCache, verdict_key
 from ruscarl_jax.judge.client import ChatClient
-from ruscarl_jax.judge.grader import TEMPLATE_VERSION, grader_prompt, parse_verdict
+from ruscarl_jax.judge.batched import BATCH_VERSION, batched_prompt, parse_batched
+from ruscarl_jax.judge.grader import parse_verdict
 from ruscarl_jax.judge.rewards import CriterionVerdict, ResponseGrade, make_grade
 from ruscarl_jax.judge.settings import JudgeSettings
 from ruscarl_jax.judge.verifiers import check_rule, validate_rule_item
@@ -60,7 +64,9 @@ class Judge:
         self.settings = settings
         api_key = read_api_key(settings) if settings.base_urls else None
         self._secret = api_key or ""
-        self._cache = (VerdictCache(settings.cache_path, settings.model, TEMPLATE_VERSION)
+        self._template = settings.grader_template()
+        self._version = self._template.version + (f"+{BATCH_VERSION}" if settings.batch_criteria else "")
+        self._cache = (VerdictCache(settings.cache_path, settings.model, self._version)
                        if settings.cache_path else None)
         self._loop = _new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ruscarl-judge", daemon=True)
@@ -187,7 +193,7 @@ class Judge:
         keys: dict[tuple[int, int], str] = {}
         if self._cache is not None and llm_jobs:
             keys = {(i, j): verdict_key(items[i][0].messages, items[i][1], items[i][0].rubric[j], self.settings.model,
-                                        TEMPLATE_VERSION) for i, j in llm_jobs}
+                                        self._version) for i, j in llm_jobs}
             hits = self._cache.get_many(keys.values())
             for (i, j), key in keys.items():
                 if key in hits:
@@ -196,15 +202,25 @@ class Judge:
             self._counts["cache_hits"] += sum(key in hits for key in keys.values())
             llm_jobs = [job for job in llm_jobs if records[job[0]][job[1]] is None]
 
-        work = [self._grade_llm(items, i, j) for i, j in llm_jobs]
+        if self.settings.batch_criteria:
+            by_item: dict[int, list[int]] = collections.defaultdict(list)
+            for i, j in llm_jobs:
+                by_item[i].append(j)
+            work = [self._grade_batched(items, i, js) for i, js in by_item.items()]
+        else:
+            work = [self._grade_llm(items, i, j) for i, j in llm_jobs]
         if rule_jobs:
             work.append(asyncio.to_thread(_run_rules, items, rule_jobs))
         results = await asyncio.gather(*work)
-        for (i, _), verdict in zip(llm_jobs, results):
-            records[i][verdict.index] = verdict
+        llm_results = results[:-1] if rule_jobs else results
+        for (i, _), verdict in zip(by_item.items() if self.settings.batch_criteria else llm_jobs, llm_results):
+            for v in (verdict if isinstance(verdict, list) else [verdict]):
+                records[i][v.index] = v
         for i, verdict in (results[-1] if rule_jobs else []):
             records[i][verdict.index] = verdict
         self._counts["rule_verdicts"] += len(rule_jobs)
+        if self.settings.regrade_fraction > 0:
+            await self._regrade(items, [(i, j) for i, j in llm_jobs if not records[i][j].ungraded], records)
 
         if self._cache is not None:
             fresh = [(keys[(i, j)], records[i][j].met, records[i][j].explanation) for i, j in llm_jobs
@@ -213,10 +229,14 @@ class Judge:
         policy = self.settings.ungraded_policy
         return [make_grade(ex.id, ex.rubric, recs, policy) for (ex, _), recs in zip(items, records)]
 
-    async def _grade_llm(self, items: list[GradeItem], i: int, j: int) -> CriterionVerdict:
+    async def _grade_llm(self, items: list[GradeItem], i: int, j: int, count: bool = True) -> CriterionVerdict:
+        """One criterion, one request; `count`: it is a verdict of the batch (not a re-grade check)."""
         example, response = items[i]
-        prompt = grader_prompt(example.messages, response, example.rubric[j])
+        prompt = self._template.render(example.messages, response, example.rubric[j])
         result = await self._client.complete(prompt, parse_verdict)
+        if not count:
+            return CriterionVerdict(j, result.value.met if result.value else None, result.value is None, "", "llm",
+                                    result.attempts, result.latency_s, result.error)
         self._latencies.append(result.latency_s)
         if result.value is None:
             self._counts["ungraded"] += 1
@@ -224,6 +244,34 @@ class Judge:
         self._counts["llm_verdicts"] += 1
         return CriterionVerdict(j, result.value.met, False, result.value.explanation, "llm", result.attempts,
                                 result.latency_s, result.error)
+
+    async def _grade_batched(self, items: list[GradeItem], i: int, js: list[int]) -> list[CriterionVerdict]:
+        """All of `js` in one request; those the reply does not validly return, one request each."""
+        example, response = items[i]
+        prompt = batched_prompt(example.messages, response, [(j, example.rubric[j]) for j in js],
+                                self.settings.show_points)
+        self._counts["batch_requests"] += 1
+        result = await self._client.complete(prompt, lambda text: parse_batched(text, js))
+        found = result.value or {}
+        self._latencies.extend([result.latency_s] * len(found))
+        self._counts["llm_verdicts"] += len(found)
+        out = [CriterionVerdict(j, v.met, False, v.explanation, "llm", result.attempts, result.latency_s, result.error)
+               for j, v in found.items()]
+        missing = [j for j in js if j not in found]
+        self._counts["batch_fallbacks"] += len(missing)
+        out += await asyncio.gather(*(self._grade_llm(items, i, j) for j in missing))
+        return out
+
+    async def _regrade(self, items: list[GradeItem], jobs: list[tuple[int, int]],
+                       records: list[list[CriterionVerdict | None]]) -> None:
+        """Ask a hash-chosen `regrade_fraction` of these fresh verdicts again (one request each); count agreement.
+        The first verdict is the one kept."""
+        chosen = [(i, j) for i, j in jobs if _regrade_pick(items[i], j, self.settings.regrade_fraction)]
+        again = await asyncio.gather(*(self._grade_llm(items, i, j, count=False) for i, j in chosen))
+        for (i, j), second in zip(chosen, again):
+            if not second.ungraded:
+                self._counts["regraded"] += 1
+                self._counts["regrade_agree"] += int(second.met == records[i][j].met)
 
     async def _async_snapshot(self) -> dict[str, float]:
         return self._snapshot()
@@ -233,6 +281,8 @@ class Judge:
         out: dict[str, float] = {
             "llm_verdicts": self._counts["llm_verdicts"], "rule_verdicts": self._counts["rule_verdicts"],
             "cache_hits": self._counts["cache_hits"], "ungraded": self._counts["ungraded"],
+            "batch_requests": self._counts["batch_requests"], "batch_fallbacks": self._counts["batch_fallbacks"],
+            "regraded": self._counts["regraded"], "regrade_agree": self._counts["regrade_agree"],
             "active_seconds": active,
             "verdicts_per_second": self._counts["llm_verdicts"] / active if active > 0 else 0.0,
         }
@@ -243,7 +293,7 @@ class Judge:
         if client is not None:
             out.update(requests=client.requests, prompt_tokens=client.prompt_tokens,
                        completion_tokens=client.completion_tokens,
-                       retries=client.requests - self._counts["llm_verdicts"] - self._counts["ungraded"])
+                       retries=client.retries, parse_failures=client.errors.get("unparseable", 0))
             out.update({f"errors/{kind}": n for kind, n in sorted(client.errors.items())})
             for k, stats in enumerate(client.endpoint_stats()):
                 out.update({f"endpoint{k}/{name}": value for name, value in stats.items()})
@@ -266,6 +316,13 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def _regrade_pick(item: GradeItem, j: int, fraction: float) -> bool:
+    """Whether criterion j of this (example, response) is in the re-grade sample (stable across runs)."""
+    example, response = item
+    digest = hashlib.sha256(f"{example.id}\x00{j}\x00{response}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") < fraction * 2.0 ** 64
 
 
 def _run_rules(items: list[GradeItem], jobs: list[tuple[int, int]]) -> list[tuple[int, CriterionVerdict]]:

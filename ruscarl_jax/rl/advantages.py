@@ -10,22 +10,28 @@ import jax
 import jax.numpy as jnp
 
 
-def group_advantages(rewards: jax.Array, group_ids: jax.Array, valid: jax.Array | None = None, *,
-                     norm_by_std: bool = True, epsilon: float = 1e-6) -> jax.Array:
-    """Per-row advantages [N] (float32) from rewards [N] and integer group ids [N].
+def group_stats(rewards: jax.Array, group_ids: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per row: (mean, unbiased std, count) of the valid rewards of its group.
 
     Group ids may be any integers; rows sharing an id form a group, wherever they are. The group
     statistics come from an [N, N] same-group matrix, which is cheap at rollout-batch sizes (a few
     thousand rows) and needs no static group count, so it jits for any grouping.
     """
-    rewards = jnp.asarray(rewards, jnp.float32)
-    valid = jnp.ones(rewards.shape, bool) if valid is None else jnp.asarray(valid).astype(bool)
     same = (group_ids[:, None] == group_ids[None, :]) & valid[None, :]
     # where(), not a matmul with 0/1 weights: a NaN reward must poison only its own group
     count = same.sum(axis=1).astype(jnp.float32)
     mean = jnp.where(same, rewards[None, :], 0.0).sum(axis=1) / jnp.maximum(count, 1.0)
     sq_dev = jnp.where(same, jnp.square(rewards[None, :] - mean[:, None]), 0.0)
     std = jnp.sqrt(sq_dev.sum(axis=1) / jnp.maximum(count - 1.0, 1.0))
+    return mean, std, count
+
+
+def group_advantages(rewards: jax.Array, group_ids: jax.Array, valid: jax.Array | None = None, *,
+                     norm_by_std: bool = True, epsilon: float = 1e-6) -> jax.Array:
+    """Per-row advantages [N] (float32) from rewards [N] and integer group ids [N] (see `group_stats`)."""
+    rewards = jnp.asarray(rewards, jnp.float32)
+    valid = jnp.ones(rewards.shape, bool) if valid is None else jnp.asarray(valid).astype(bool)
+    mean, std, count = group_stats(rewards, group_ids, valid)
     single = count <= 1.0
     mean = jnp.where(single, 0.0, mean)
     std = jnp.where(single, 1.0, std)

@@ -61,8 +61,12 @@ def masked_mean(values: jax.Array, mask: jax.Array, norm: Normalizers | None = N
 
 def policy_loss(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Array, mask: jax.Array, *,
                 clip_ratio_low: float, clip_ratio_high: float, clip_ratio_c: float, loss_agg_mode: str,
-                norm: Normalizers | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                norm: Normalizers | None = None, token_weight: jax.Array | None = None,
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO clipped surrogate with separate low / high clip and the dual clip for negative advantages.
+
+    token_weight [N, R] (optional, no gradient) multiplies each token's loss before aggregation: the
+    rollout importance weight of truncated IS (`rollout_correction`).
 
     All inputs are per token [N, R]. Returns the aggregated loss and the token-mean metrics
     pg_clipfrac (the upper/lower PPO clip is active), pg_clipfrac_lower (the dual clip is active)
@@ -77,6 +81,8 @@ def policy_loss(log_prob: jax.Array, old_log_prob: jax.Array, advantages: jax.Ar
     dual = jnp.minimum(ppo, dual_bound)
     negative = advantages < 0
     per_token = jnp.where(negative, dual, ppo)
+    if token_weight is not None:
+        per_token = per_token * token_weight
     metrics = {
         "pg_clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask, norm),
         "pg_clipfrac_lower": masked_mean(((ppo > dual_bound) & negative).astype(jnp.float32), mask, norm),

@@ -11,6 +11,9 @@ import dataclasses
 AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+ROLLOUT_IS_MODES: tuple[str, ...] = ("none", "token")
+ROLLOUT_RS_MODES: tuple[str, ...] = ("none", "sequence", "geometric")
+CORRECTION_SCOPES: tuple[str, ...] = ("scaffolded", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,20 @@ class GRPOSettings:
         [rows, chunk, vocab] float32 logits held at once, forward and backward).
     compute_dtype: dtype the float32 master parameters are cast to for forward/backward.
     ref_in_host_memory: keep the reference parameters in pinned host memory between steps.
+
+    Scaffold gap (see ``rl.rollout_correction``): the rollout's log-probs (scaffolded prompt) against the
+    old log-probs (training prompt); metrics always, corrections off by default (the faithful reference):
+    rollout_is: 'none' | 'token': truncated importance sampling, the policy loss of each token weighted by
+        min(exp(old - rollout), rollout_is_threshold), detached (verl rollout_is='token', TRL's vLLM IS cap).
+    rollout_rs: 'none' | 'sequence' (ratio exp(sum_t log r)) | 'geometric' (exp(mean_t log r)): rows whose
+        sequence ratio leaves [rollout_rs_threshold_lower, rollout_rs_threshold] leave the loss
+        (verl rollout_rs); the lower bound defaults to 1 / upper.
+    rollout_correction_scope: 'scaffolded' (rows sampled with a scaffold, ratio > 0) or 'all' rows.
+    gap_thresholds: |log-ratio| thresholds of the gap metrics' "fraction of tokens beyond" entries.
+    Group filters: filter_zero_std_groups drops groups whose rewards all agree from the loss (they carry
+    no GRPO signal; DAPO's dynamic-sampling filter without the resampling); mask_truncated drops responses
+    that hit max_new_tokens (finish reason 'length') from the loss (they still count in their group's
+    reward statistics).
     """
 
     clip_ratio_low: float = 0.2
@@ -56,6 +73,15 @@ class GRPOSettings:
     logprob_chunk_size: int = 256
     compute_dtype: str = "float32"
     ref_in_host_memory: bool = False
+    rollout_is: str = "none"
+    rollout_is_threshold: float = 2.0
+    rollout_rs: str = "none"
+    rollout_rs_threshold: float = 2.0
+    rollout_rs_threshold_lower: float | None = None
+    rollout_correction_scope: str = "scaffolded"
+    gap_thresholds: tuple[float, ...] = (0.1, 1.0)
+    filter_zero_std_groups: bool = False
+    mask_truncated: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
@@ -72,6 +98,20 @@ class GRPOSettings:
                 raise bad(field, "must be >= 0")
         if not self.clip_ratio_c > 1:
             raise bad("clip_ratio_c", "must be > 1 (the dual clip bounds the loss of negative advantages at c * |A|)")
+        for field, valid in (("rollout_is", ROLLOUT_IS_MODES), ("rollout_rs", ROLLOUT_RS_MODES),
+                             ("rollout_correction_scope", CORRECTION_SCOPES)):
+            if getattr(self, field) not in valid:
+                raise bad(field, f"valid: {list(valid)}")
+        for field in ("rollout_is_threshold", "rollout_rs_threshold"):
+            if not getattr(self, field) > 1:
+                raise bad(field, "must be > 1 (an upper bound on the rollout importance ratio)")
+        lower = self.rollout_rs_threshold_lower
+        if lower is not None and not 0 < lower < self.rollout_rs_threshold:
+            raise bad("rollout_rs_threshold_lower", f"must be in (0, rollout_rs_threshold={self.rollout_rs_threshold})")
+        thresholds = tuple(self.gap_thresholds)
+        if not thresholds or any(not (isinstance(t, (int, float)) and t > 0) for t in thresholds):
+            raise bad("gap_thresholds", "must be a non-empty list of |log-ratio| values > 0")
+        object.__setattr__(self, "gap_thresholds", tuple(float(t) for t in thresholds))
         if not self.temperature > 0:
             raise bad("temperature", "must be > 0")
         for field in ("ppo_mini_batch_size", "ppo_micro_batch_size", "ppo_epochs", "logprob_chunk_size"):
@@ -86,6 +126,17 @@ class GRPOSettings:
     def kl_active(self) -> bool:
         """Whether the KL loss (and so the reference policy) is used at all."""
         return bool(self.use_kl_loss) and self.kl_coef > 0
+
+    @property
+    def rs_bounds(self) -> tuple[float, float]:
+        """[lower, upper] of the sequence ratio kept by rejection sampling (lower defaults to 1 / upper)."""
+        upper = float(self.rollout_rs_threshold)
+        return (1.0 / upper if self.rollout_rs_threshold_lower is None else float(self.rollout_rs_threshold_lower)), upper
+
+    @property
+    def correction_active(self) -> bool:
+        """Whether the update needs the rollout's log-probs for a correction (metrics use them when given)."""
+        return self.rollout_is != "none" or self.rollout_rs != "none"
 
     @property
     def logprob_rows(self) -> int:

@@ -8,11 +8,16 @@ Order of work, all on the training prompts (unscaffolded by default; what the tr
 3. for each of ppo_epochs: a fresh permutation of the rows, cut into minibatches of
    ppo_mini_batch_size rows; each minibatch is cut into micro-batches whose gradients are
    accumulated (lax.scan), then one optimizer update, skipped if the loss or gradient is not finite.
+   The permutation is of the GLOBAL row ids and drawn from (rng, epoch) alone (the trainer's rng is
+   fold_in(seed key, step)), so it does not depend on how the rows are spread over processes.
 
 Rollout batch (dict of arrays, N = B * G rows, prompt P left-padded, response R right-padded):
 input_ids int [N, P+R], attention_mask [N, P+R], response_mask [N, R] (1 up to and including the
 stop token), rewards [N], group_ids int [N]; optional row_valid [N] (alias sample_weight): rows
-with 0 leave the group statistics and the loss.
+with 0 leave the group statistics and the loss. Optional, from the rollout: rollout_logprobs [N, R]
+(the sampler's log-probs, under the scaffolded prompt), scaffolded [N] (1: sampled with reveal ratio
+> 0) and truncated [N] (1: finish reason 'length'); with them the update reports the scaffold gap
+(`rollout_correction`) and can apply the corrections and filters of `GRPOSettings`.
 """
 from __future__ import annotations
 
@@ -26,7 +31,9 @@ import numpy as np
 import optax
 
 from ruscarl_jax.rl.accumulate import Batch, accumulate_gradients, apply_if_finite, split_rows
+from ruscarl_jax.rl import rollout_correction
 from ruscarl_jax.rl.advantages import group_advantages
+from ruscarl_jax.rl.group_filters import filter_rows
 from ruscarl_jax.rl.logprobs import response_logprobs
 from ruscarl_jax.rl.losses import Normalizers, aggregate, kl_penalty, masked_mean, normalizers, policy_loss
 from ruscarl_jax.rl.optimizer import cast_floating, last_learning_rate
@@ -35,6 +42,7 @@ from ruscarl_jax.rl.settings import GRPOSettings
 
 REQUIRED_KEYS = ("input_ids", "attention_mask", "response_mask", "rewards", "group_ids")
 VALID_KEYS = ("row_valid", "sample_weight")
+ROW_KEYS = ("scaffolded", "truncated")  # optional [N] row flags
 
 
 def check_rollout_batch(batch: Mapping[str, Any]) -> None:
@@ -47,7 +55,7 @@ def check_rollout_batch(batch: Mapping[str, Any]) -> None:
                          f"{np.shape(batch['input_ids'])}")
     n, total = np.shape(batch["input_ids"])
     expect = {"attention_mask": (n, total), "rewards": (n,), "group_ids": (n,)}
-    expect.update({k: (n,) for k in VALID_KEYS if k in batch})
+    expect.update({k: (n,) for k in VALID_KEYS + ROW_KEYS if k in batch})
     for key, shape in expect.items():
         if tuple(np.shape(batch[key])) != shape:
             raise ValueError(f"rollout batch: '{key}' has shape {tuple(np.shape(batch[key]))}, expected {shape}")
@@ -55,6 +63,9 @@ def check_rollout_batch(batch: Mapping[str, Any]) -> None:
     if len(resp) != 2 or resp[0] != n or not 0 < resp[1] < total:
         raise ValueError(f"rollout batch: 'response_mask' has shape {tuple(resp)}; expected [{n}, R] with "
                          f"0 < R < {total} (the prompt needs at least one token)")
+    if "rollout_logprobs" in batch and tuple(np.shape(batch["rollout_logprobs"])) != tuple(resp):
+        raise ValueError(f"rollout batch: 'rollout_logprobs' has shape {tuple(np.shape(batch['rollout_logprobs']))}, "
+                         f"expected {tuple(resp)} (that of 'response_mask')")
     for key in ("input_ids", "group_ids"):
         dtype = batch[key].dtype if hasattr(batch[key], "dtype") else np.asarray(batch[key]).dtype
         if not np.issubdtype(dtype, np.integer):
@@ -108,7 +119,7 @@ def grpo_loss(params: Params, micro: Batch, norm: Normalizers, *, policy: Policy
     adv = micro["advantages"][:, None] * mask
     pg_loss, aux = policy_loss(logp, micro["old_log_probs"], adv, mask, clip_ratio_low=s.clip_ratio_low,
                                clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c,
-                               loss_agg_mode=s.loss_agg_mode, norm=norm)
+                               loss_agg_mode=s.loss_agg_mode, norm=norm, token_weight=micro.get("is_weights"))
     if s.entropy_coeff == 0:  # a metric only: no backward pass through the entropy
         entropy = jax.lax.stop_gradient(entropy)
     entropy_term = aggregate(entropy, mask, s.loss_agg_mode, norm)
@@ -131,8 +142,21 @@ def grpo_update(params: Params, opt_state: optax.OptState, batch: Batch, old_log
     mask = _loss_mask(batch)
     adv = group_advantages(batch["rewards"], batch["group_ids"], valid, norm_by_std=s.norm_adv_by_std,
                            epsilon=s.adv_epsilon)
+    base_mask = mask
+    mask, extra = filter_rows(mask, batch["rewards"], batch["group_ids"], valid, batch.get("truncated"),
+                              filter_zero_std=s.filter_zero_std_groups, mask_truncated=s.mask_truncated)
     rows = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "loss_mask": mask,
             "advantages": adv, "old_log_probs": old_log_probs}
+    if "rollout_logprobs" in batch:
+        rollout_lp = batch["rollout_logprobs"].astype(jnp.float32)
+        scaffolded = batch.get("scaffolded", jnp.zeros(n, jnp.float32))
+        extra.update(rollout_correction.gap_metrics(old_log_probs, rollout_lp, base_mask, scaffolded, s.gap_thresholds))
+        if s.correction_active:
+            weights, mask, corr = rollout_correction.correction(old_log_probs, rollout_lp, mask, scaffolded, s)
+            rows["loss_mask"] = mask
+            extra.update(corr)
+            if s.rollout_is != "none":
+                rows["is_weights"] = weights
     if s.kl_active:
         if ref_log_probs is None:
             raise ValueError("the KL loss is on (use_kl_loss and kl_coef > 0) but no reference log-probs were given")
@@ -173,6 +197,7 @@ def grpo_update(params: Params, opt_state: optax.OptState, batch: Batch, old_log
         "advantage_std": jnp.sqrt(masked_mean(jnp.square(token_adv - adv_mean), mask)),
         "reward_mean": jnp.sum(jnp.where(valid, batch["rewards"], 0.0)) / jnp.maximum(valid.sum(), 1),
         "response_tokens": mask.sum(),
+        **extra,
     })
     return params, opt_state, metrics
 
@@ -215,6 +240,9 @@ def make_grpo_step(policy: Policy, settings: GRPOSettings, optimizer: optax.Grad
     def step(params: Params, opt_state: optax.OptState, batch: Mapping[str, Any], rng: jax.Array,
              ref_params: Params | None = None) -> tuple[Params, optax.OptState, dict[str, jax.Array]]:
         check_rollout_batch(batch)
+        if settings.correction_active and "rollout_logprobs" not in batch:
+            raise ValueError("rollout correction is on (GRPOSettings.rollout_is / rollout_rs) but the rollout batch "
+                             "has no 'rollout_logprobs'")
         settings.check_batch_size(int(np.shape(batch["rewards"])[0]))
         batch = {k: v if isinstance(v, jax.Array) else jnp.asarray(v) for k, v in batch.items()}
         old = logprobs(params, batch)

@@ -8,12 +8,16 @@ parameters, which the trainer rebuilds from the model source.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+
+from ruscarl_jax.trainer import storage
 
 
 class _IteratorState:
@@ -37,8 +41,10 @@ class Checkpointer:
 
     The state holds arrays only: keep RNG keys as raw key data (jax.random.key_data)."""
 
-    def __init__(self, directory: str | pathlib.Path, keep: int = 3, save_every: int = 0):
-        self.directory = pathlib.Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, keep: int = 3, save_every: int = 0):
+        """`directory`: a local path or a storage URL (gs://BUCKET/PATH)."""
+        text = os.fspath(directory)
+        self.directory = epath.Path(text if storage.is_url(text) else pathlib.Path(text).absolute())
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.save_every = save_every
@@ -49,13 +55,22 @@ class Checkpointer:
     def should_save(self, step: int, total_steps: int) -> bool:
         return step == total_steps or (self.save_every > 0 and step % self.save_every == 0)
 
-    def save(self, step: int, state: Any, metadata: dict[str, Any], iterator: Any) -> None:
-        """Save and wait until the checkpoint is complete on disk (so a kill right after is safe)."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            metadata=ocp.args.JsonSave(metadata),
-            data=grain.checkpoint.CheckpointSave(_IteratorState(iterator))), force=True)
+    def save(self, step: int, state: Any, metadata: dict[str, Any], iterator: Any, pending: Any = None) -> None:
+        """Save and wait until the checkpoint is complete on disk (so a kill right after is safe).
+        `pending`: optional arrays of a rollout already sampled for the next step (overlap mode)."""
+        items = dict(state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(metadata),
+                     data=grain.checkpoint.CheckpointSave(_IteratorState(iterator)))
+        if pending is not None:
+            items["pending"] = ocp.args.StandardSave(pending)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         self.manager.wait_until_finished()
+
+    def restore_pending(self, step: int, template: Any) -> Any | None:
+        """The `pending` arrays saved at `step` (shaped and sharded like `template`), or None if it has none."""
+        if not (self.directory / str(step) / "pending").exists():
+            return None
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
+        return self.manager.restore(step, args=ocp.args.Composite(pending=ocp.args.StandardRestore(target)))["pending"]
 
     def restore(self, step: int, abstract_state: Any, iterator: Any) -> tuple[Any, dict[str, Any], bool]:
         """The state (shaped and sharded like `abstract_state`) and metadata saved at `step`, and whether

@@ -9,21 +9,32 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pathlib
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from ruscarl_jax.judge.settings import JudgeSettings
 from ruscarl_jax.models.sharding import MESH_AXES
 from ruscarl_jax.rl.optimizer import OptimizerSettings
 from ruscarl_jax.rl.settings import GRPOSettings
 from ruscarl_jax.sampler.settings import SamplingSettings
+from ruscarl_jax.trainer import storage
 from ruscarl_jax.scaffold.message import ScaffoldWording
 from ruscarl_jax.scaffold.settings import STEP_RULES, ScaffoldSettings
 
 
 MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
+WANDB_KEYS = ("enabled", "project", "entity", "name", "mode")
+WANDB_MODES = ("", "online", "offline", "disabled")
+
+
+TRAIN_SPLIT_HELP = (
+    "is required: the training split, a local path or gs:// URL of a JSONL file in HealthBench's shape "
+    "({\"prompt_id\", \"prompt\": [messages], \"rubrics\": [{\"criterion\", \"points\", \"tags\"}]} a line) or the "
+    "verl/RuscaRL parquet layout (columns prompt, reward_model). For the paper's HealthBench run it is HealthBench "
+    "(OpenAI simple-evals, 5000 examples) with the validation examples of healthbench_val400.jsonl held out (match on "
+    "prompt_id), as the RuscaRL reference builds it; set it with --config.data.train_path=... or HEALTHBENCH_TRAIN_PATH")
 
 
 class ConfigError(ValueError):
@@ -68,10 +79,26 @@ def _require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"config.{key}: {message}")
 
 
-def resolve_path(path: str, base: pathlib.Path | None = None) -> pathlib.Path:
-    """Expand ~ and $VARS; relative paths are taken from the repository root (or `base`)."""
-    p = pathlib.Path(os.path.expandvars(os.path.expanduser(path)))
-    return p if p.is_absolute() else (base or pathlib.Path(__file__).resolve().parents[2]) / p
+def wandb_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """trainer.wandb when enabled (the W&B writer's options), else None."""
+    options = dict(config.trainer.get("wandb") or {})
+    return options if options.pop("enabled", False) else None
+
+
+def resolve_path(path: str, base: str | os.PathLike | None = None) -> epath.Path:
+    """A storage URL (gs://...) as is; a local path with ~ and $VARS expanded, relative ones taken from
+    the repository root (or `base`)."""
+    return storage.resolve_path(path, base)
+
+
+def check_storage(path: str, key: str, base: str | os.PathLike | None = None) -> epath.Path:
+    """`path` resolved (see resolve_path), after checking that a URL is well formed and its bucket
+    answers (ConfigError naming `key` and the URL otherwise)."""
+    try:
+        storage.check_url(os.path.expandvars(path), f"config.{key}")
+    except storage.StorageError as err:
+        raise ConfigError(str(err)) from None
+    return resolve_path(path, base)
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1,
@@ -83,10 +110,19 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     for key in ("checkpoint_every", "test_freq", "keep_checkpoints"):
         _require(int(trainer.get(key, 0)) >= 0, f"trainer.{key}", f"must be >= 0, got {trainer.get(key)}")
 
+    wandb = dict(trainer.get("wandb") or {})
+    unknown = sorted(set(wandb) - set(WANDB_KEYS))
+    _require(not unknown, f"trainer.wandb.{unknown[0] if unknown else ''}", f"unknown key; valid keys: {', '.join(WANDB_KEYS)}")
+    _require(isinstance(wandb.get("enabled", False), bool), "trainer.wandb.enabled", f"must be True or False, got {wandb.get('enabled')!r}")
+    _require(wandb.get("mode", "") in WANDB_MODES, "trainer.wandb.mode", f"{wandb.get('mode')!r} is not one of {list(WANDB_MODES)}")
+
     model = _section(config, "model")
     _require(model.get("source") in ("tiny", "hf"), "model.source", f"{model.get('source')!r} is not one of 'tiny', 'hf'")
     _require(model.get("architecture", "") not in MOE_ARCHITECTURES, "model.architecture",
              f"{model.get('architecture')} is a mixture-of-experts model; MoE is not supported yet (dense Qwen2/2.5/3 only)")
+    if model["source"] == "hf":
+        _require(not storage.is_url(model.get("checkpoint_dir") or ""), "model.checkpoint_dir",
+                 f"must be a local directory (copy the checkpoint to the host first), got {model.get('checkpoint_dir')!r}")
     if model["source"] == "hf" and check_paths:
         directory = resolve_path(model.get("checkpoint_dir") or "")
         _require(bool(model.get("checkpoint_dir")) and directory.is_dir(), "model.checkpoint_dir",
@@ -113,9 +149,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     data = _section(config, "data")
     for key in ("train_path", "val_path"):
         if data.get(key) and check_paths:
-            path = resolve_path(data[key])
+            path = check_storage(data[key], f"data.{key}")
             _require(path.is_file(), f"data.{key}", f"file not found: {path}")
-    _require(bool(data.get("train_path")), "data.train_path", "is required")
+    _require(bool(data.get("train_path")) or not check_paths, "data.train_path", TRAIN_SPLIT_HELP)
     batch = int(data.get("batch_size", 0))
     _require(batch >= 1, "data.batch_size", f"must be >= 1, got {batch}")
 
@@ -130,9 +166,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     _require(fits, "mesh", f"{sizes} does not fit {num_devices} devices")
     sizes = {a: (num_devices // fixed if s == -1 else s) for a, s in sizes.items()}
     data_parallel = sizes["data"] * sizes["fsdp"]
-    rows = batch * generations * process_count
+    _require(batch % process_count == 0, "data.batch_size",
+             f"{batch} prompts (the global batch of all processes) do not split over {process_count} processes")
+    rows = batch * generations
     _require(rows % data_parallel == 0, "data.batch_size",
-             f"{batch} prompts x {generations} generations x {process_count} processes = {rows} rows, "
+             f"{batch} prompts x {generations} generations = {rows} rows (the global batch), "
              f"which do not divide across the {data_parallel} data-parallel devices (mesh data x fsdp)")
 
     grpo = _section(config, "grpo")
@@ -143,7 +181,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     try:
         grpo_settings.check_batch_size(rows)
     except ValueError as err:
-        raise ConfigError(f"config.grpo.ppo_mini_batch_size: {err}") from None
+        key = "logprob_micro_batch_size" if "log-prob" in str(err) else "ppo_mini_batch_size"
+        raise ConfigError(f"config.grpo.{key}: {err}") from None
+    for key, value in (("ppo_mini_batch_size", grpo_settings.ppo_mini_batch_size),
+                       ("ppo_micro_batch_size", grpo_settings.ppo_micro_batch_size),
+                       ("logprob_micro_batch_size", grpo_settings.logprob_rows)):
+        _require(value % data_parallel == 0, f"grpo.{key}",
+                 f"{value} rows (counted over all processes) do not divide across the {data_parallel} "
+                 f"data-parallel devices (mesh data x fsdp)")
 
     judge = _section(config, "judge")
     judge_settings = _build(JudgeSettings, judge, "judge")

@@ -179,3 +179,4 @@ def process_info() -> tuple[int, int]:
 def is_main_process() -> bool:
     """True on process 0, the one that writes metrics, rollout records and the progress bar."""
     return jax.process_index() == 0
+

@@ -7,21 +7,27 @@ step rule at (t, T); one sampled response per scaffolded prompt; the judge grade
 rewards -> group advantages -> the GRPO update on the unscaffolded training prompts. Metrics go to
 metrics.jsonl and TensorBoard, rollouts to rollouts/step_XXXXXX.jsonl, checkpoints to checkpoints/.
 
+Batch sizes are global: data.batch_size prompts per step over all processes; process p samples and
+judges its contiguous share of each global batch, so the global row order (and the minibatch
+shuffle over it) is the same on any process layout. Counts in the metrics are summed over processes;
+the validation set is split across processes and its score computed over all of it.
+
 Resume: a run started on a workdir that has checkpoints continues from the latest one, exactly: the
 step keys are fold_in(seed key, step), the data iterator position is restored, and the reference
-policy is rebuilt from the model source. SIGTERM / SIGINT finish the current step, save a checkpoint
-and return (a TPU VM preemption gives SIGTERM).
+policy is rebuilt from the model source. SIGTERM finishes the current step, saves a checkpoint and
+returns, on every process at the same step (see trainer/preemption.py; a TPU VM preemption gives SIGTERM).
 
 Overlap (trainer.overlap_judge, off by default): while the judge grades step t's responses the sampler
 already generates step t+1's from the parameters before step t's update, so step t+1 trains on
-rollouts one update stale. `judge_hidden_seconds` reports the judge time this hid.
+rollouts one update stale. `judge_hidden_seconds` reports the judge time this hid. A checkpoint of
+step t also holds that pending rollout's samples, so a resumed run trains on the same stale rollout.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pathlib
-import signal
 import time
 from typing import Any
 
@@ -33,50 +39,37 @@ import numpy as np
 from ruscarl_jax.data.pipeline import BatchIterator, PipelineSettings
 from ruscarl_jax.evaluation import scoring
 from ruscarl_jax.judge.judge import Judge
+from ruscarl_jax.judge.telemetry import met_rate_tags, step_telemetry
 from ruscarl_jax.models import qwen
-from ruscarl_jax.models.sharding import host_to_global
+from ruscarl_jax.models.sharding import global_to_host, host_to_global
 from ruscarl_jax.rl.optimizer import init_opt_state, make_optimizer
 from ruscarl_jax.rl.policy import qwen_policy
 from ruscarl_jax.rl.train_step import make_grpo_step, make_reference
 from ruscarl_jax.sampler.generate import fold_step_key, generate
 from ruscarl_jax.scaffold.prompts import build_prompts, render_prompt
 from ruscarl_jax.trainer import config as config_lib
-from ruscarl_jax.trainer import distributed
+from ruscarl_jax.trainer import distributed, snapshot
 from ruscarl_jax.trainer.checkpoint import Checkpointer
 from ruscarl_jax.trainer.metrics import RunWriter, truncate_metrics
-from ruscarl_jax.trainer.rollout import Rollout, assemble, collect, row_seed
+from ruscarl_jax.trainer.preemption import StopSignal
+from ruscarl_jax.trainer.rollout import Rollout, across_processes, assemble, collect, rollout_from_saved, row_seed, sample_arrays
 from ruscarl_jax.trainer.setup import filter_long_prompts, load_data, load_policy, mesh_from_config, rules_from_config, stop_token_ids
 
 logger = logging.getLogger("ruscarl_jax.trainer")
 
 
-class _StopFlag:
-    """Set by SIGTERM / SIGINT; the loop checks it between steps."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        logger.warning("received signal %d: finishing this step, saving a checkpoint, then stopping", signum)
-        self.signal = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def _rewards(grades: list[Any], generations: int, policy: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per-row rewards and validity. Rows of a group with an ungraded criterion are dropped (all G of
-    them) under 'drop_group'; under 'graded_only' they are scored over their graded criteria."""
+    """Per-row rewards and validity. Under 'drop_group' a group with an ungraded criterion in any row is
+    dropped (all G rows); under 'graded_only' a row keeps the score of its graded criteria (the judge
+    computed it so) and only a row without a score (nothing graded) is dropped."""
     rewards = np.asarray([g.score if g.score is not None else 0.0 for g in grades], np.float64)
-    bad = np.asarray([g.ungraded_count > 0 or g.score is None for g in grades])
     if policy == "drop_group":
+        bad = np.asarray([g.ungraded_count > 0 or g.score is None for g in grades])
         bad = np.repeat(bad.reshape(-1, generations).any(axis=1), generations)
+    elif policy == "graded_only":
+        bad = np.asarray([g.score is None for g in grades])
+    else:
+        raise ValueError(f"unknown ungraded policy {policy!r}")
     return rewards, (~bad).astype(np.float32), int(sum(g.ungraded_count for g in grades))
 
 
@@ -112,17 +105,37 @@ def _records(rollout: Rollout, grades: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _gather_validation(grades: list[Any], examples: list[Any], bounds: list[int]) -> tuple[list[float | None], list[list[bool | None]]]:
+    """Every process's validation scores and verdicts, in example order (process p graded the examples
+    bounds[p]:bounds[p+1]). Scores travel as float64 (NaN = None), verdicts as int8 (-1 = None)."""
+    rows, width = max(b - a for a, b in zip(bounds, bounds[1:])), max((len(ex.rubric) for ex in examples), default=0)
+    scores, verdicts = np.full((rows,), np.nan), np.full((rows, width), -1, np.int8)
+    for i, g in enumerate(grades):
+        scores[i] = np.nan if g.score is None else g.score
+        verdicts[i, :len(g.criteria)] = [-1 if c.met is None else int(c.met) for c in g.criteria]
+    all_scores, all_verdicts = across_processes(scores), across_processes(verdicts)
+    out_scores, out_verdicts = [], []
+    for p, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        out_scores += [None if np.isnan(x) else float(x) for x in all_scores[p, : b - a]]
+        out_verdicts += [[None if v < 0 else bool(v) for v in row[: len(ex.rubric)]]
+                         for row, ex in zip(all_verdicts[p, : b - a], examples[a:b])]
+    return out_scores, out_verdicts
+
+
 def validate_policy(params, cfg, tokenizer, examples, judge: Judge, sampling, step: int, seed: int, mesh, rules) -> dict[str, Any]:
-    """HealthBench-style score of unscaffolded greedy/val-sampled responses on the validation set."""
+    """HealthBench-style score of unscaffolded greedy/val-sampled responses on the validation set.
+    Each process samples and judges a contiguous share; the score is computed over all of them."""
+    count = jax.process_count()
+    bounds = [p * len(examples) // count for p in range(count + 1)]
+    mine = examples[bounds[jax.process_index()]: bounds[jax.process_index() + 1]]
     prompts = [np.asarray(tokenizer(render_prompt(tokenizer, ex.messages), add_special_tokens=False)["input_ids"], np.int32)
-               for ex in examples]
+               for ex in mine]
     out = generate(params, cfg, prompts, fold_step_key(jax.random.key(seed + 1), step), sampling, mesh=mesh, rules=rules,
-                   row_seeds=[row_seed(ex.id, 0) for ex in examples])
+                   row_seeds=[row_seed(ex.id, 0) for ex in mine])
     texts = tokenizer.batch_decode([row[:n] for row, n in zip(out.tokens, out.lengths)], skip_special_tokens=True)
-    grades = judge.grade(list(zip(examples, texts)))
-    scores = [g.score for g in grades if g.score is not None]
+    all_scores, verdicts = _gather_validation(judge.grade(list(zip(mine, texts))), examples, bounds)
+    scores = [x for x in all_scores if x is not None]
     metrics = {f"val/{k}": v for k, v in scoring.summarize(scores).items()}
-    verdicts = [[c.met for c in g.criteria] for g in grades]
     for tag, s in scoring.tag_breakdown([ex.rubric for ex in examples], verdicts, prefixes=("axis:",)).items():
         metrics[f"val/{tag.replace(':', '_')}"] = s["score"]
     return metrics
@@ -144,20 +157,28 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         if jax.process_index() == 0:
             print(plan.report(), flush=True)
         return {"fits": plan.fits, "peak_bytes": plan.peak.peak}
-    workdir = pathlib.Path(workdir)
+    workdir = config_lib.check_storage(os.fspath(workdir), "workdir", base=os.getcwd())
     mesh, rules = mesh_from_config(config), rules_from_config(config)
     generations, total = int(config.rollout.num_generations), int(config.trainer.total_steps)
 
     train_examples = load_data(config, "train_path")
     val_examples = load_data(config, "val_path")[: int(config.data.get("val_examples", 0)) or None]
-    cfg, params, tokenizer = load_policy(config, mesh, rules, train_examples + val_examples, settings.scaffold)
+    try:  # a resume uses the run's saved tokenizer and refuses a changed config
+        resumed = snapshot.check_config(config, workdir)
+    except snapshot.SnapshotMismatch as err:
+        raise config_lib.ConfigError(str(err)) from None
+    cfg, params, tokenizer = load_policy(config, mesh, rules, train_examples + val_examples, settings.scaffold,
+                                         tokenizer=snapshot.load_tokenizer(workdir) if resumed else None)
+    if not resumed and jax.process_index() == 0:
+        snapshot.write(config, tokenizer, workdir)
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     sampling = dataclasses.replace(settings.sampling, stop_token_ids=stops, pad_token_id=pad)
     val_sampling = dataclasses.replace(settings.val_sampling, stop_token_ids=stops, pad_token_id=pad)
     train_examples = filter_long_prompts(train_examples, config, settings.scaffold, tokenizer, generations)
+    rate_tags = met_rate_tags(train_examples, settings.judge.met_rate_tag_prefixes)  # the same list on every process
 
-    data = BatchIterator(train_examples, PipelineSettings(batch_size=int(config.data.batch_size), seed=int(config.seed),
+    data = BatchIterator(train_examples, PipelineSettings(batch_size=int(config.data.batch_size), seed=int(config.seed),  # global
                                                           num_epochs=config.data.num_epochs, shuffle=bool(config.data.shuffle)))
     optimizer = make_optimizer(settings.optim)
     reference = make_reference(params, settings.grpo)
@@ -168,6 +189,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     checkpoints = Checkpointer(workdir / "checkpoints", keep=int(config.trainer.keep_checkpoints) or 1,
                                save_every=int(config.trainer.checkpoint_every))
     start = checkpoints.latest_step() or 0
+    overlap = bool(config.trainer.overlap_judge)
+    saved_pending = None
     if start:
         state, _, positioned = checkpoints.restore(start, {"params": params, "opt_state": opt_state}, data)
         params, opt_state = state["params"], state["opt_state"]
@@ -175,30 +198,36 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             logger.info("checkpoint %d was written by another process layout: skipping %d batches", start, start)
             for _ in range(start):
                 next(data)
+        if overlap and start < total:
+            saved_pending = _restore_pending(checkpoints, start, int(config.data.batch_size) * generations,
+                                             int(settings.sampling.max_new_tokens), mesh, rules)
         logger.info("resumed from %s at step %d", checkpoints.directory, start)
         if jax.process_index() == 0:
             truncate_metrics(workdir, start)
-    writer = RunWriter(workdir, total, start, active=jax.process_index() == 0, tensorboard=bool(config.trainer.tensorboard))
+    writer = RunWriter(workdir, total, start, active=jax.process_index() == 0, tensorboard=bool(config.trainer.tensorboard),
+                       wandb=config_lib.wandb_options(config), run_config=config.to_dict())
     judge = Judge(settings.judge)
-    stop = _StopFlag()
+    stop = StopSignal()
     stop.install()
-    group_offset = jax.process_index() * int(config.data.batch_size)
+    group_offset = jax.process_index() * (int(config.data.batch_size) // jax.process_count())
 
-    def next_rollout(step: int) -> Rollout:
+    def next_rollout(step: int, saved: dict[str, np.ndarray] | None = None) -> Rollout:
         examples = next(data)
         prompts = build_prompts(examples, generations, step, total, settings.scaffold, int(config.seed), tokenizer,
                                 max_prompt_length=int(config.data.max_prompt_length), length_policy=config.data.length_policy)
         if prompts.num_dropped:
             raise RuntimeError(f"step {step}: {prompts.num_dropped} examples exceeded data.max_prompt_length after the load-time filter")
+        if saved is not None:  # the pending rollout of an overlap run, from its checkpoint
+            return rollout_from_saved(step, prompts, saved, tokenizer, data.get_state())
         return collect(step, prompts, params, cfg, tokenizer, sampling, fold_step_key(base_key, step), mesh, rules, data.get_state())
 
     last: dict[str, Any] = {}
-    overlap = bool(config.trainer.overlap_judge)
     try:
-        pending = next_rollout(start + 1) if start < total else None
+        pending = next_rollout(start + 1, saved_pending) if start < total else None
         for step in range(start + 1, total + 1):
             rollout, pending = pending, None
             t0 = time.perf_counter()
+            judge_counters = judge.metrics()
             future = judge.submit(rollout.judge_items)
             hidden = 0.0
             if overlap and step < total:
@@ -206,6 +235,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                 hidden = time.perf_counter() - t0
             grades = future.result()
             judge_seconds = time.perf_counter() - t0
+            judge_metrics = step_telemetry(judge_counters, judge.metrics(), rollout.judge_items, grades, settings.judge,
+                                           tags=rate_tags, reduce=lambda v: across_processes(v).sum(axis=0))
             rewards, valid, ungraded = _rewards(grades, generations, settings.judge.ungraded_policy)
             local = assemble(rollout, rewards, valid, group_offset, pad, sampling.prompt_bucket_min)
             batch = host_to_global(local, mesh, rules)
@@ -215,13 +246,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             metrics = {k: float(v) for k, v in {**jax.device_get(update_metrics),
                                                  **jax.device_get(jax.jit(_rollout_metrics)({**batch, "ratio": ratio}))}.items()}
             update_seconds = time.perf_counter() - t1
-            tokens = float(np.sum(rollout.samples.lengths)) * jax.process_count()
+            # counts over all processes; the rollout took as long as its slowest process
+            counts = across_processes(np.asarray([np.sum(rollout.samples.lengths), ungraded, np.sum(valid == 0),
+                                                  rollout.seconds], np.float64))
+            tokens, ungraded, dropped_rows = counts[:, :3].sum(axis=0)
             metrics.update({
-                "kl": metrics.get("kl_loss", metrics.get("ppo_kl", 0.0)), "judge_ungraded": ungraded,
+                "kl": metrics.get("kl_loss", metrics.get("ppo_kl", 0.0)), "judge_ungraded": int(ungraded),
                 "rollout_seconds": rollout.seconds, "judge_seconds": judge_seconds, "update_seconds": update_seconds,
-                "tokens_per_second": tokens / max(rollout.seconds, 1e-9), "judge_hidden_seconds": hidden,
-                "dropped_groups": float(np.sum(valid == 0) / generations),
+                "tokens_per_second": float(tokens) / max(float(counts[:, 3].max()), 1e-9), "judge_hidden_seconds": hidden,
+                "dropped_groups": float(dropped_rows / generations),
             })
+            metrics.update(judge_metrics)
             if val_examples and config.trainer.test_freq and (step % int(config.trainer.test_freq) == 0 or step == total):
                 metrics.update(validate_policy(params, cfg, tokenizer, val_examples, judge, val_sampling, step,
                                                int(config.seed), mesh, rules))
@@ -229,10 +264,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             if config.trainer.save_rollouts:
                 writer.write_rollouts(step, _records(rollout, grades))
             last = {"step": step, **metrics}
-            if checkpoints.should_save(step, total) or stop.signal is not None:
+            stopping = stop.should_stop(step)  # every process, every step: the preemption sync point
+            if checkpoints.should_save(step, total) or stopping:
                 checkpoints.save(step, {"params": params, "opt_state": opt_state},
-                                 {"step": step, "total_steps": total}, _FixedState(rollout.data_state))
-            if stop.signal is not None:
+                                 {"step": step, "total_steps": total}, _FixedState(rollout.data_state),
+                                 pending=None if pending is None else host_to_global(sample_arrays(pending.samples), mesh, rules))
+            if stopping:
                 logger.warning("stopped by signal %d after step %d (checkpoint saved)", stop.signal, step)
                 break
             if pending is None and step < total:
@@ -243,6 +280,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         judge.close()
         checkpoints.close()
     return last
+
+
+def _restore_pending(checkpoints: Checkpointer, step: int, rows: int, width: int, mesh, rules) -> dict[str, np.ndarray] | None:
+    """This process's rows of the pending rollout saved with checkpoint `step`, or None if it has none."""
+    local = rows // jax.process_count()
+    template = host_to_global({"tokens": np.zeros((local, width), np.int32), "response_mask": np.zeros((local, width), np.int32),
+                               "logprobs": np.zeros((local, width), np.float32), "stopped": np.zeros((local,), np.int32)},
+                              mesh, rules)
+    saved = checkpoints.restore_pending(step, template)
+    if saved is None:
+        logger.warning("checkpoint %d holds no pending rollout (saved without overlap_judge): sampling step %d "
+                       "from the restored parameters", step, step + 1)
+        return None
+    return global_to_host(saved, mesh, rules)
 
 
 class _FixedState:

@@ -50,12 +50,15 @@ def _tiny_corpus(examples: list[Example], scaffold: ScaffoldSettings) -> list[st
 
 
 def load_policy(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, examples: list[Example],
-                scaffold: ScaffoldSettings) -> tuple[qwen.QwenConfig, qwen.Params, Any]:
-    """(model config, sharded params, tokenizer) from config.model."""
+                scaffold: ScaffoldSettings | None, tokenizer: Any = None) -> tuple[qwen.QwenConfig, qwen.Params, Any]:
+    """(model config, sharded params, tokenizer) from config.model. A given `tokenizer` (the run's
+    snapshot) is used instead of building the tiny one (from `examples` and `scaffold`, which are then
+    unused) or loading the checkpoint's."""
     m = config.model
     if m.source == "tiny":
         tiny = dict(m.tiny)
-        tokenizer = build_tiny_tokenizer(_tiny_corpus(examples, scaffold), vocab_size=int(tiny.pop("vocab_size")))
+        vocab = int(tiny.pop("vocab_size"))
+        tokenizer = tokenizer or build_tiny_tokenizer(_tiny_corpus(examples, scaffold), vocab_size=vocab)
         cfg = qwen.QwenConfig(vocab_size=len(tokenizer), dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **tiny)
         params = qwen.init_params_sharded(cfg, jax.random.key(config.seed), mesh, rules)
         return cfg, params, tokenizer
@@ -70,7 +73,7 @@ def load_policy(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, exa
                 raise ConfigError(f"config.model.checkpoint_dir: {directory} is a Qwen3 MoE checkpoint; mixture-of-experts "
                                   "models are not supported yet (dense Qwen2/2.5/3 only)") from None
             raise
-        return cfg, params, hf_io.load_tokenizer(directory, trust_remote_code=bool(m.trust_remote_code))
+        return cfg, params, tokenizer or hf_io.load_tokenizer(directory, trust_remote_code=bool(m.trust_remote_code))
     raise ConfigError(f"config.model.source: {m.source!r} is not one of 'tiny', 'hf'")
 
 
