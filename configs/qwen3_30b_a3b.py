@@ -1,17 +1,29 @@
-"""Qwen3-30B-A3B (mixture of experts), the paper's 61.1 HealthBench variant.
+"""Qwen3-30B-A3B-Instruct (mixture of experts: 128 experts, top-8, 3B active), the paper's 61.1
+HealthBench variant, with the RuscaRL settings of configs/qwen7b.py (n = 8, lr 1e-6, KL 0.001
+low_var_kl, temperature 0.7 / top-p 0.8 / top-k 20, step_sigmoid scaffolding, 4096 + 4096 tokens).
 
-Not supported yet: the policy implements dense Qwen2 / 2.5 / 3 only. Running this config stops with
-a message saying so (config.model.checkpoint_dir names a Qwen3MoeForCausalLM checkpoint).
+Mesh: experts over `expert` (8-way: 16 experts per device), everything else ZeRO-3 over `fsdp`
+(the rest of the devices), e.g. a v5p-64 / 32 chips = expert 8 x fsdp 4. Rows are split over
+data x fsdp x expert, so attention is not repeated on the expert axis; each MoE block all-gathers the
+rows of its expert group and reduce-scatters its output (models/moe.py). The router load-balancing
+loss is off (a metric only), as usual for RL fine-tuning; routing replay is available with
+--config.grpo.routing_replay=True.
+
+    QWEN3_30B_A3B_DIR=/models/Qwen3-30B-A3B-Instruct-2507 JUDGE_BASE_URL=... JUDGE_MODEL=... \
+        python scripts/train.py --config=configs/qwen3_30b_a3b.py
 """
 import os
 
 from configs import qwen7b
+from ruscarl_jax.models.sharding import rows_over_expert
 
 
 def get_config():
     c = qwen7b.get_config()
     c.workdir = "runs/qwen3_30b_a3b"
     c.model.checkpoint_dir = os.environ.get("QWEN3_30B_A3B_DIR", "")
-    c.model.architecture = "Qwen3MoeForCausalLM"  # checked before anything loads
-    c.mesh.update(dict(data=1, fsdp=-1, tensor=4))
+    c.model.preset = "Qwen3-30B-A3B-Instruct-2507"  # the architecture, for scripts/plan.py without the weights
+    c.mesh.update(dict(data=1, fsdp=-1, expert=8, tensor=1))
+    c.sharding_rules = rows_over_expert(c.sharding_rules)
+    c.grpo.update(dict(router_aux_loss_coef=0.0, routing_replay=False))
     return c

@@ -37,13 +37,20 @@ def get_config():
     c.rollout.update(dict(num_generations=8, max_new_tokens=4096, temperature=0.7, top_p=0.8, top_k=20,
                           prompt_bucket_min=512))
     c.rollout.validation.update(dict(temperature=0.7, top_p=0.8, top_k=20, greedy=False))
+    # the 512 rows of a step decoded 256 at a time over a bfloat16 paged cache of 8 GB per device
+    # (8.7k pages of 16 tokens = 140k tokens; the static cache of 512 x 8192 tokens was 240 GB); a
+    # full-length sequence needs 512 pages; sequences are preempted if the budget runs out
+    c.rollout.engine.update(dict(slots=256, page_size=16, memory_gb=8.0, max_seq_len=8192, check_every=32,
+                                 cache_dtype="bfloat16"))
     urls = [u for u in os.environ.get("JUDGE_BASE_URL", "").split(",") if u]
     c.judge.update(dict(base_urls=tuple(urls), model=os.environ.get("JUDGE_MODEL", ""), api_key_env="RUSCARL_JUDGE_API_KEY",
                         max_concurrency=512, timeout_s=180.0, max_retries=6,
                         temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.5, max_tokens=2048,
                         extra_body={"chat_template_kwargs": {"enable_thinking": False}}))
     c.grpo.update(dict(kl_coef=0.001, kl_estimator="low_var_kl", entropy_coeff=0.0, ppo_mini_batch_size=256,
-                       ppo_micro_batch_size=8, ppo_epochs=1, logprob_chunk_size=512, compute_dtype="bfloat16"))
+                       ppo_micro_batch_size=32, ppo_epochs=1, logprob_chunk_size=512, compute_dtype="bfloat16"))
+    # micro-batches count rows over all devices and must be a multiple of the data-parallel size (mesh data x
+    # fsdp): 32 is one row per chip on a 32-chip slice (v5p-64) or 4 per GPU on 8 GPUs (docs/memory_plan.md)
     c.optim.update(dict(learning_rate=1e-6, weight_decay=0.01, max_grad_norm=1.0, schedule="constant"))
     c.trainer.update(dict(total_steps=350, checkpoint_every=25, keep_checkpoints=3, test_freq=5))
     return c

@@ -5,10 +5,25 @@ params through a safetensors checkpoint), the same batch of prompts, the same pr
 lengths (fixed length: no stop tokens, HF with min_new_tokens = max_new_tokens), greedy unless
 --sample. Prints tokens/s of each and their ratio; on a GPU also the fraction of the HBM-bandwidth
 roofline of one decode step: (parameter bytes + KV-cache bytes read per step) / step time / peak.
-The sampler's decode step attends over the whole static cache (S = P + R slots), so all of it is read.
+The fixed workload runs the rollout engine with one slot per row (every row decodes to R); the roofline
+counts the whole P + R cache per row as read.
 
     python scripts/bench_sampler.py                                   # CPU, ~39M params, batch 16
     python scripts/bench_sampler.py --preset qwen2.5-0.5b --dtype bfloat16 --batch 64 --peak-bw-gbs 3350
+
+Length-skewed workload (``--workload skewed``): most rows stop early, a few run to the limit. Target
+response lengths are drawn from an exponential distribution with mean ``--mean-frac`` x R (at least 1,
+capped at R = --new-tokens), and a ``--full-frac`` share of rows is set to R. The model is random, so
+stops are forced by construction: a first greedy run without stop tokens gives every row's free
+output; each row with target L < R is given as stop token the token of its free output at step L
+(or the nearest step whose token appears nowhere earlier in that row nor in any other row's output
+before that row's own target), and all rows then decode greedily with that set of stop tokens. The
+realised lengths are printed (they are the same for every engine). Measured in one run: useful tokens
+/ s (tokens inside the response mask) and KV-cache bytes allocated, for the rollout engine
+(continuous batching over --slots slots, paged cache), the static lockstep schedule (one slot per
+row, cache of rows x (P + R) tokens) and transformers generate (its cache at the end: rows x (P + R)).
+
+    python scripts/bench_sampler.py --workload skewed                 # CPU: 64 rows, prompt 64, R 256, 16 slots
 """
 from __future__ import annotations
 
@@ -27,8 +42,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ruscarl_jax.models import hf_io, qwen  # noqa: E402
+from ruscarl_jax.sampler import engine  # noqa: E402
 from ruscarl_jax.sampler.generate import generate  # noqa: E402
-from ruscarl_jax.sampler.settings import SamplingSettings  # noqa: E402
+from ruscarl_jax.sampler.settings import EngineSettings, SamplingSettings  # noqa: E402
 
 # Qwen2-shaped architectures (transformers Qwen2Config keyword arguments).
 PRESETS = {
@@ -47,9 +63,17 @@ PRESETS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="cpu-39m", choices=sorted(PRESETS))
+    p.add_argument("--workload", default="fixed", choices=["fixed", "skewed"],
+                   help="fixed: every row runs --new-tokens tokens; skewed: long-tailed lengths (see above)")
+    p.add_argument("--rows", type=int, default=64, help="skewed: prompts in the batch")
+    p.add_argument("--slots", type=int, default=16, help="skewed: the engine's sequence slots")
+    p.add_argument("--page-size", type=int, default=16, help="skewed: the engine's page size")
+    p.add_argument("--check-every", type=int, default=16, help="skewed: decode steps between the engine's host checks")
+    p.add_argument("--mean-frac", type=float, default=1 / 6, help="skewed: mean target length / R")
+    p.add_argument("--full-frac", type=float, default=1 / 16, help="skewed: share of rows that run to R")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=None, help="default: 128 fixed, 64 skewed")
+    p.add_argument("--new-tokens", type=int, default=None, help="R (default: 128 fixed, 256 skewed)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each (the median is reported)")
     p.add_argument("--sample", action="store_true", help="temperature 0.7, top-p 0.8, top-k 20 instead of greedy")
@@ -60,7 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus", type=str, default=None,
                    help="pin the process to these CPU ids (e.g. '0' or '0,1') and give PyTorch as many threads; "
                         "steadier figures on a shared machine")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    skewed = args.workload == "skewed"
+    args.new_tokens = args.new_tokens or (256 if skewed else 128)
+    args.prompt_len = args.prompt_len or (64 if skewed else 128)
+    return args
 
 
 def _seconds(fn) -> tuple[float, float]:
@@ -97,6 +125,11 @@ def build_models(args: argparse.Namespace):
     torch.manual_seed(args.seed)
     config = transformers.Qwen2Config(rope_theta=1_000_000.0, rms_norm_eps=1e-6, **PRESETS[args.preset])
     model = transformers.Qwen2ForCausalLM(config).eval()
+    if args.workload == "skewed":  # HF's 0.02 init makes a tied random model repeat its last prompt token
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.ndim == 2:
+                    param.normal_(0.0, 0.1)
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)
         cfg, params = hf_io.load_checkpoint(directory, dtype=args.dtype)
@@ -160,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
         os.sched_setaffinity(0, cpus)
         torch.set_num_threads(len(cpus))
     cfg, params, model = build_models(args)
+    if args.workload == "skewed":
+        return skewed_main(args, cfg, params, model)
     rng = np.random.default_rng(args.seed)
     prompts = rng.integers(1, cfg.vocab_size, size=(args.batch, args.prompt_len)).tolist()
     result = dict(preset=args.preset, params=cfg.num_params, batch=args.batch, prompt_len=args.prompt_len,
@@ -215,6 +250,123 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result
+
+
+# ------------------------------------------------------------------------------- length-skewed workload
+
+def target_lengths(rng: np.random.Generator, rows: int, r: int, mean_frac: float, full_frac: float) -> np.ndarray:
+    """Long-tailed response lengths: exponential with mean mean_frac x R, in [1, R]; a full_frac share set to R."""
+    lengths = np.clip(np.ceil(rng.exponential(mean_frac * r, rows)), 1, r).astype(np.int64)
+    lengths[rng.random(rows) < full_frac] = r
+    return lengths
+
+
+def forced_stops(free: np.ndarray, targets: np.ndarray, pad: int) -> tuple[tuple[int, ...], np.ndarray]:
+    """Stop tokens that end each row of the free greedy outputs [N, R] at (about) its target length.
+    Returns the stop set and the realised lengths under it."""
+    n, r = free.shape
+    stops: set[int] = set()
+    for i in np.argsort(targets):
+        if targets[i] >= r:
+            continue
+        for step in sorted(range(r), key=lambda p: (abs(p - (targets[i] - 1)), p)):
+            token = int(free[i, step])
+            earlier = any(token in free[j, : (step if j == i else min(targets[j], r))] for j in range(n))
+            if token != pad and not earlier:
+                stops.add(token)
+                break
+    lengths = np.asarray([next((p + 1 for p in range(r) if free[i, p] in stops), r) for i in range(n)])
+    return tuple(sorted(stops)), lengths
+
+
+def skewed_main(args: argparse.Namespace, cfg, params, model) -> dict:
+    rng = np.random.default_rng(args.seed)
+    r, rows = args.new_tokens, args.rows
+    prompts = rng.integers(1, cfg.vocab_size, size=(rows, args.prompt_len)).tolist()
+    common = dict(max_new_tokens=r, greedy=True, pad_token_id=0, prompt_bucket_min=args.prompt_len)
+    static_engine = EngineSettings(schedule="static")
+    key = jax.random.key(args.seed)
+    free = generate(params, cfg, prompts, key, SamplingSettings(**common, engine=static_engine)).tokens
+    stops, lengths = forced_stops(free, target_lengths(rng, rows, r, args.mean_frac, args.full_frac), pad=0)
+    useful = int(lengths.sum())
+    paged = EngineSettings(slots=args.slots, page_size=args.page_size, check_every=args.check_every)
+    settings = {"engine": SamplingSettings(**common, stop_token_ids=stops, engine=paged),
+                "static": SamplingSettings(**common, stop_token_ids=stops, engine=static_engine)}
+    result = dict(workload="skewed", preset=args.preset, params=cfg.num_params, rows=rows, prompt_len=args.prompt_len,
+                  new_tokens=r, slots=args.slots, page_size=args.page_size, check_every=args.check_every,
+                  dtype=args.dtype, backend=jax.default_backend(), cpus=args.cpus, useful_tokens=useful,
+                  lengths=dict(mean=float(lengths.mean()), p50=float(np.median(lengths)), p90=float(np.percentile(lengths, 90)),
+                               max=int(lengths.max()), at_cap=int((lengths == r).sum())),
+                  load_average_before=os.getloadavg())
+    runners = {}
+    for name, s in settings.items():  # compile and check once
+        out = generate(params, cfg, prompts, key, s)
+        assert (out.lengths == lengths).all(), f"{name}: lengths differ from the forced ones"
+        runners[name] = lambda s=s: generate(params, cfg, prompts, key, s)
+    if model is not None:
+        runners["hf"] = hf_skewed_runner(args, model, prompts, stops, lengths)
+    runs: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.repeats):  # interleaved: every runner sees the same machine load
+        for name, fn in runners.items():
+            runs[name].append(_seconds(fn)[0])
+    width = 2 if args.dtype == "bfloat16" else 4
+    layouts = {name: engine.plan(cfg, s, rows=rows, longest_prompt=args.prompt_len, mesh=None) for name, s in settings.items()}
+    kv = {name: engine.kv_cache_bytes(cfg, layout, None)[0] for name, layout in layouts.items()}
+    kv["hf"] = 2 * cfg.num_layers * rows * (args.prompt_len + int(lengths.max())) * cfg.num_kv_heads * cfg.head_dim * width
+    print(f"{args.preset} ({cfg.num_params / 1e6:.1f}M params, {args.dtype}) skewed: {rows} rows, prompt {args.prompt_len}, "
+          f"R {r}, greedy, backend {result['backend']}, median of {args.repeats}; engine: {args.slots} slots, "
+          f"pages of {args.page_size}, check every {args.check_every}")
+    ln = result["lengths"]
+    print(f"  response lengths: mean {ln['mean']:.1f}, p50 {ln['p50']:.0f}, p90 {ln['p90']:.0f}, max {ln['max']}, "
+          f"{ln['at_cap']} of {rows} at R; {useful} useful tokens; {len(stops)} stop tokens")
+    for name in runs:
+        wall = statistics.median(runs[name])
+        result[name] = dict(seconds=wall, useful_tokens_per_s=useful / wall, kv_bytes=kv[name], runs_wall_s=runs[name])
+        label = {"engine": "rollout engine", "static": "static schedule", "hf": "transformers generate"}[name]
+        print(f"  {label:22s}: {useful / wall:9.1f} useful tokens/s ({wall:.2f} s), KV cache {kv[name] / 1e6:8.2f} MB")
+    _, _, _, stats = engine.run(params, cfg, [np.asarray(p) for p in prompts], np.arange(rows, dtype=np.uint32), key,
+                                settings["engine"], layouts["engine"])
+    result["engine"].update(stats)
+    if result["backend"] == "gpu":  # bytes the engine's decode steps read: parameters + the KV pages gathered
+        page_bytes = paged.page_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype)
+        moved = stats["decode_steps"] * cfg.num_params * width + stats["pages_read"] * page_bytes
+        gbs = moved / result["engine"]["seconds"] / 1e9
+        result["engine"]["roofline"] = gbs / args.peak_bw_gbs
+        print(f"  engine decode reads {moved / 1e9:.2f} GB: {gbs:.1f} GB/s = {100 * gbs / args.peak_bw_gbs:.1f}% of the "
+              f"{args.peak_bw_gbs:.0f} GB/s HBM roofline (prefill time included: a lower bound)")
+    result["load_average_after"] = os.getloadavg()
+    print(f"  load average before / after: {result['load_average_before'][0]:.2f} / {result['load_average_after'][0]:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    e = result["engine"]["useful_tokens_per_s"]
+    ratio_static = e / result["static"]["useful_tokens_per_s"]
+    ratio_hf = f"{e / result['hf']['useful_tokens_per_s']:.2f}x" if "hf" in result else "n/a"
+    print(f"skewed: engine/static {ratio_static:.2f}x, engine/HF {ratio_hf}")
+    return result
+
+
+def hf_skewed_runner(args, model, prompts, stops, lengths):
+    """transformers generate with the same stop tokens (warmed up and checked once)."""
+    import torch
+    import transformers
+
+    device = next(model.parameters()).device
+    ids = torch.tensor(np.asarray(prompts), dtype=torch.long, device=device)
+    model.generation_config = transformers.GenerationConfig(do_sample=False, pad_token_id=0, eos_token_id=list(stops))
+
+    def run():
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    out = run()[:, ids.shape[1]:].cpu().numpy()
+    hf_lengths = [next((p + 1 for p in range(out.shape[1]) if out[i, p] in stops), args.new_tokens) for i in range(len(out))]
+    mismatched = int((np.asarray(hf_lengths) != lengths).sum())
+    if mismatched:
+        print(f"  note: transformers stops {mismatched} of {len(lengths)} rows at another length (float near-ties)")
+    return run
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "orbax", "jax._src", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import jax
+
+    from ruscarl_jax.evaluation.run_summary import summarize
+    from ruscarl_jax.trainer import storage
     from ruscarl_jax.trainer.config import ConfigError
     from ruscarl_jax.trainer.loop import train
 
@@ -37,6 +41,9 @@ def main(argv):
         return 2
     if last:
         print(f"done: step {last['step']} reward_mean={last.get('reward_mean'):.4f} -> {workdir}")
+    run_dir = storage.resolve_path(workdir, base=os.getcwd())
+    if jax.process_index() == 0 and (run_dir / "metrics.jsonl").exists():
+        print(summarize(run_dir))
     return 0
 
 

@@ -22,17 +22,34 @@ SHAPES = {
 }
 
 
+_MOE_COMMON = dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8)
+MOE_SHAPES = {
+    # Qwen3-MoE: (family, kwargs), as SHAPES
+    "moe_top2of6_norm_untied": ("qwen3_moe", dict(_MOE_COMMON, num_hidden_layers=2, num_experts=6, num_experts_per_tok=2,
+                                                  norm_topk_prob=True, tie_word_embeddings=False)),
+    "moe_top3of8_tied": ("qwen3_moe", dict(_MOE_COMMON, num_hidden_layers=2, num_experts=8, num_experts_per_tok=3,
+                                           norm_topk_prob=False, tie_word_embeddings=True)),
+    "moe_dense_layer_untied": ("qwen3_moe", dict(_MOE_COMMON, num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
+                                                 norm_topk_prob=True, mlp_only_layers=[1], tie_word_embeddings=False)),
+}
+_CLASSES = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+            "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+            "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM)}
+
+
 def make_hf_model(name: str, vocab_size: int = 101, seed: int = 0) -> transformers.PreTrainedModel:
-    family, kwargs = SHAPES[name]
+    family, kwargs = {**SHAPES, **MOE_SHAPES}[name]
     torch.manual_seed(seed)
-    config_cls = transformers.Qwen2Config if family == "qwen2" else transformers.Qwen3Config
-    model_cls = transformers.Qwen2ForCausalLM if family == "qwen2" else transformers.Qwen3ForCausalLM
+    config_cls, model_cls = _CLASSES[family]
     config = config_cls(vocab_size=vocab_size, rope_theta=10000.0, rms_norm_eps=1e-6, **kwargs)
     model = model_cls(config).eval()
     with torch.no_grad():  # HF initialises norms to 1 and biases to 0: randomise them so parity covers them
         for pname, param in model.named_parameters():
             if pname.endswith("norm.weight") or pname.endswith(".bias"):
                 param.add_(0.1 * torch.randn_like(param))
+            elif pname.endswith("mlp.gate.weight"):  # a sharp router, so top-k choices are far from ties
+                param.normal_(0.0, 0.5)
     return model
 
 

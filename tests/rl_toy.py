@@ -4,6 +4,7 @@ hidden_t = tanh(mean_{s <= t}(embed[token_s] + pos[position_s]) @ mix), masked t
 logits = hidden @ out. Causal, position-aware, and respects left padding like the real decoder.
 """
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
@@ -26,6 +27,16 @@ def toy_hidden(params, tokens, mask):
     x = (params["embed"][tokens] + params["pos"][positions]) * m
     mean = jnp.cumsum(x, axis=1) / jnp.maximum(jnp.cumsum(m, axis=1), 1.0)
     return jnp.tanh(mean @ params["mix"])
+
+
+def assert_directional_derivatives(loss, params, grads, directions: int = 4, eps: float = 1e-6) -> None:
+    """Central finite differences of `loss` along random directions equal grads . direction (run under x64)."""
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    gflat = jax.flatten_util.ravel_pytree(grads)[0]
+    for k in range(directions):
+        d = jnp.asarray(np.random.default_rng(10 + k).normal(size=flat.shape))
+        fd = (loss(unravel(flat + eps * d)) - loss(unravel(flat - eps * d))) / (2 * eps)
+        np.testing.assert_allclose(float(fd), float(gflat @ d), rtol=1e-6, atol=1e-9)
 
 
 TOY_POLICY = Policy(hidden=toy_hidden, unembed=lambda p: p["out"])

@@ -151,7 +151,7 @@ def test_bad_input_is_named(checkpoint, tmp_path, capsys):
 
     assert evaluate.main(["--checkpoint", str(checkpoint), "--data", str(rules), "--max-prompt-length", "3",
                           "--output", str(tmp_path / "o")]) == 2
-    assert "example 'train-0000-river': prompt of" in capsys.readouterr().err
+    assert f"example '{synthetic.make_examples(1, seed=0)[0].id}': prompt of" in capsys.readouterr().err
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text(llm.read_text() + '{"prompt_id": "x", "prompt": [], "rubrics": []}\n')

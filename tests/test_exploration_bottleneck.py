@@ -1,15 +1,27 @@
-"""Pieces of the exploration-bottleneck experiment: the warm-start demonstrations and their SFT batch
-layout, the synthetic task's warm-start examples, and the learning-curve aggregation."""
+"""The kind-rubric task (synthetic.py) and its bottleneck structure, the shipped data/tiny files, the
+trainer's SFT warm start (demonstrations, batch layout, cache), the experiment's curve aggregation and
+results JSON, and the run summary."""
+import json
 import math
+import pathlib
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 
 from ruscarl_jax.data import synthetic
+from ruscarl_jax.data.loaders import load_examples
 from ruscarl_jax.data.tokenizer import build_tiny_tokenizer
-from ruscarl_jax.evaluation import curves
-from ruscarl_jax.evaluation.warm_start import demonstration_pairs, sft_batch
-from ruscarl_jax.scaffold.settings import ScaffoldSettings
+from ruscarl_jax.evaluation.run_summary import sparkline, summarize
+from ruscarl_jax.judge.verifiers import check_rule
+from ruscarl_jax.trainer.warm_start import demonstration_pairs, load_demonstrations, sft_batch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts" / "experiments"))
+import curves  # noqa: E402
 
 
 def _words(text):
@@ -17,55 +29,85 @@ def _words(text):
     return text[len(synthetic.ANSWER_PREFIX) + 1:].split(" ")
 
 
-def test_warm_start_examples_do_not_share_topics_with_the_task():
-    examples = synthetic.make_warm_start_examples(64, seed=0)
-    assert not set(synthetic.WARM_START_TOPICS) & set(synthetic.TOPICS)
-    for ex in examples:
-        assert ex.id.rsplit("-", 1)[1] in synthetic.WARM_START_TOPICS
-        assert [item.points for item in ex.rubric] == [3.0, 2.0, 2.0, -2.0]
-        words = [item.tag_value("parameters") for item in ex.rubric]
-        assert len(set(words)) == 4 and set(words) <= set(synthetic.KEYWORDS)
-    # rubrics are drawn per example, not per topic: the same topic gets different words
-    same_topic = [ex for ex in examples if ex.id.endswith("-" + synthetic.WARM_START_TOPICS[0])]
-    assert len({ex.rubric for ex in same_topic}) == len(same_topic) > 1
-    assert synthetic.make_warm_start_examples(64, seed=0) == examples
+def test_rubric_is_set_by_the_kind_and_held_out_prompts_are_new():
+    train = synthetic.make_examples(128, 0)
+    val = synthetic.make_examples(32, 0, held_out=True)
+    rubrics = {}
+    for ex in train + val:
+        kind = next(k for k in synthetic.KINDS if f" {k} " in ex.messages[0].content)
+        rubrics.setdefault(kind, set()).add(ex.rubric)
+        assert [synthetic.item_type(i) for i in ex.rubric] == ["rare_word", "rare_word", "avoid_word", "format"]
+        assert [i.points for i in ex.rubric] == [3.0, 2.0, -2.0, 2.0]
+        assert {i.tag_value("parameters") for i in ex.rubric[:2]} <= set(synthetic.RARE_WORDS)
+        assert ex.rubric[2].tag_value("parameters") in synthetic.COMMON_WORDS
+    assert all(len(r) == 1 for r in rubrics.values()) and len(rubrics) == len(synthetic.KINDS)
+    rare = [w.tag_value("parameters") for r in rubrics.values() for w in next(iter(r))[:2]]
+    assert len(set(rare)) == 2 * len(synthetic.KINDS)  # every kind has its own rare words
+    text = lambda exs: {ex.messages[0].content for ex in exs}  # noqa: E731
+    for prompt in text(val):  # unseen topic and unseen wording
+        assert not any(t in prompt for t in synthetic.TOPICS)
+        assert not any(prompt.startswith(t.split("{")[0]) for t in synthetic.PROMPT_TEMPLATES)
+    assert not text(val) & text(train)
+    assert not set(synthetic.RARE_WORDS) & set(synthetic.COMMON_WORDS)
+    for a in synthetic.KEYWORDS:  # `contains` is a substring test: no key word may hide in another
+        assert not [b for b in synthetic.KEYWORDS if a != b and a in b]
 
 
-@pytest.mark.parametrize("shown", [(0, 1, 2, 3), (0, 2), (3,), (1, 3), ()])
-def test_demonstration_follows_the_shown_items_only(shown):
+@pytest.mark.parametrize("shown", [(0, 1, 2, 3), (0, 2), (2,), (1, 3), ()])
+def test_demonstration_copies_shown_words_and_fills_with_common_words_only(shown):
     ex = synthetic.make_examples(1, seed=0)[0]
-    include = {ex.rubric[i].tag_value("parameters") for i in shown if ex.rubric[i].points > 0}
-    avoid = {ex.rubric[i].tag_value("parameters") for i in shown if ex.rubric[i].points < 0}
+    include = {ex.rubric[i].tag_value("parameters") for i in shown if i < 2}
+    avoid = {ex.rubric[i].tag_value("parameters") for i in shown if i == 2}
     rng = np.random.default_rng(0)
-    fills = set()
     for _ in range(50):
-        words = _words(synthetic.demonstration(ex, shown, rng))
+        answer = synthetic.demonstration(ex, shown, rng)
+        words = _words(answer)
         assert len(words) == synthetic.ANSWER_WORDS == len(set(words))
         assert include <= set(words) and not avoid & set(words)
-        assert set(words) <= set(synthetic.KEYWORDS)
-        fills |= set(words) - include
-    if len(include) < synthetic.ANSWER_WORDS:  # the rest is random, not the hidden words
-        assert len(fills) > 10
+        assert set(words) - include <= set(synthetic.COMMON_WORDS)  # never a rare word unless shown
+        assert check_rule(synthetic.format_item(), answer)
+    full = synthetic.demonstration(ex, (0, 1, 2, 3), rng)
+    assert sum(i.points for i in ex.rubric if check_rule(i, full)) == ex.positive_points
+
+
+def test_shipped_tiny_data_is_the_generator_output(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_data.py"), "--out", str(tmp_path)], check=True,
+                   capture_output=True, timeout=120)
+    for name in ("train.jsonl", "val.jsonl", "warm_start.jsonl"):
+        assert (tmp_path / name).read_bytes() == (ROOT / "data" / "tiny" / name).read_bytes(), name
+    for name, held_out, count in (("train", False, 128), ("val", True, 32)):
+        shipped, _ = load_examples(ROOT / "data" / "tiny" / f"{name}.jsonl")
+        assert shipped == synthetic.make_examples(count, 0, held_out=held_out)
+    rows = load_demonstrations(ROOT / "data" / "tiny" / "warm_start.jsonl")
+    unscaffolded = [r for m, r in rows if m[0].role != "system"]
+    assert len(rows) == 2048 and len(unscaffolded) == 256  # one of each group of 8 shows nothing
+    assert not any(set(_words(r)) & set(synthetic.RARE_WORDS) for r in unscaffolded)
+    assert any(set(_words(r)) & set(synthetic.RARE_WORDS) for m, r in rows if m[0].role == "system")
+
+
+def test_load_demonstrations_names_file_and_line(tmp_path):
+    path = tmp_path / "demos.jsonl"
+    good = json.dumps({"prompt": [{"role": "user", "content": "hi"}], "response": "Notes: oak"})
+    for bad, message in (("{nope", "invalid JSON"), (json.dumps({"prompt": [], "response": "x"}), "'prompt'"),
+                         (json.dumps({"prompt": [{"role": "user", "content": "hi"}]}), "'response'")):
+        path.write_text(good + "\n\n" + bad + "\n")
+        with pytest.raises(ValueError, match=f"demos.jsonl, line 3: .*{message}"):
+            load_demonstrations(path)
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="no demonstrations"):
+        load_demonstrations(path)
 
 
 def test_demonstration_pairs_and_sft_batch():
-    examples = synthetic.make_warm_start_examples(3, seed=1)
-    tok = build_tiny_tokenizer(synthetic.corpus() + [m.content for ex in examples for m in ex.messages], vocab_size=600)
+    rows = load_demonstrations(ROOT / "data" / "tiny" / "warm_start.jsonl")[:8]
+    tok = build_tiny_tokenizer(synthetic.corpus() + [m.content for ms, _ in rows for m in ms], vocab_size=700)
     end = tok.convert_tokens_to_ids("<|im_end|>")
-    pairs = demonstration_pairs(examples, tok, ScaffoldSettings(include_evaluation_warning=False), 4, end, seed=0)
-    assert len(pairs) == 12
-    for i, (prompt, response) in enumerate(pairs):
-        ex = examples[i // 4]
+    pairs = demonstration_pairs(rows, tok, end)
+    for (messages, response), (prompt, answer) in zip(rows, pairs):
         prompt_text = tok.decode(prompt)
-        answer = _words(tok.decode(response[:-1]))
-        assert response[-1] == end and prompt_text.endswith("<|im_start|>assistant\n")
-        listed = [item for item in ex.rubric if item.criterion in prompt_text]
-        if i % 4 == 0:  # linear in-group decay: sample 0 sees every criterion, the last one none
-            assert len(listed) == 4
-        if i % 4 == 3:
-            assert listed == [] and "<|im_start|>system" not in prompt_text
-        assert {it.tag_value("parameters") for it in listed if it.points > 0} <= set(answer)
-
+        assert answer[-1] == end and tok.decode(answer[:-1]) == response
+        assert prompt_text.endswith(messages[-1].content + "<|im_end|>\n<|im_start|>assistant\n")
+        assert ("<|im_start|>system" in prompt_text) == (messages[0].role == "system")
     width = max(p.size for p, _ in pairs[:3]) + 3
     batch = sft_batch(pairs[:3], width, 12, pad_id=tok.pad_token_id)
     for row, (prompt, response) in enumerate(pairs[:3]):
@@ -77,6 +119,51 @@ def test_demonstration_pairs_and_sft_batch():
         assert batch["response_mask"][row].tolist() == [1] * response.size + [0] * (12 - response.size)
     with pytest.raises(ValueError, match="pair 0: prompt"):
         sft_batch(pairs[:1], 8, 12, pad_id=0)
+
+
+def test_warm_start_is_built_once_then_loaded_from_its_cache(tmp_path, caplog):
+    from configs.tiny import get_config
+    from ruscarl_jax.trainer import config as config_lib
+    from ruscarl_jax.trainer.setup import load_data, load_policy, mesh_from_config, rules_from_config
+
+    c = get_config()
+    c.model.tiny.num_layers = 1
+    c.warm_start.steps, c.warm_start.batch_size, c.warm_start.micro_batch_size = 30, 32, 32
+    c.warm_start.learning_rate = 1e-2
+    c.warm_start.cache_dir = str(tmp_path / "cache")
+    settings = config_lib.validate(c, num_devices=jax.device_count())
+    mesh, rules = mesh_from_config(c), rules_from_config(c)
+    examples = load_data(c, "train_path") + load_data(c, "val_path")
+    cfg, params, _ = load_policy(c, mesh, rules, examples, settings.scaffold)
+    (directory,) = (tmp_path / "cache").iterdir()
+    info = json.loads((directory / "warm_start.json").read_text())
+    assert info["steps"] == 30 and info["final_loss"] < 0.6 * info["first_loss"]  # it learned
+    stamp = (directory / "model.safetensors").stat().st_mtime_ns
+    c.seed = 3  # the run seed does not change the warm start
+    cfg2, params2, tok2 = load_policy(c, mesh, rules, examples, settings.scaffold)
+    assert (directory / "model.safetensors").stat().st_mtime_ns == stamp and len(list((tmp_path / "cache").iterdir())) == 1
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    c.warm_start.steps = 31  # another setting: another cache entry
+    load_policy(c, mesh, rules, examples, settings.scaffold)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    # no warm start: the random model of the run seed
+    c.warm_start.path = ""
+    _, random_params, _ = load_policy(c, mesh, rules, examples, settings.scaffold)
+    assert not np.allclose(np.asarray(jax.tree.leaves(random_params)[0]), np.asarray(jax.tree.leaves(params)[0]))
+
+
+def test_warm_start_config_errors_name_the_key():
+    from configs.tiny import get_config
+    from ruscarl_jax.trainer import config as config_lib
+
+    for key, value, message in (("path", "data/tiny/missing.jsonl", "file not found"), ("steps", 0, "must be"),
+                                ("micro_batch_size", 7, "must divide"), ("bogus", 1, "unknown key")):
+        c = get_config()
+        c.warm_start.unlock()
+        c.warm_start[key] = value
+        with pytest.raises(config_lib.ConfigError, match=f"config.warm_start.{key}: .*{message}"):
+            config_lib.validate(c, num_devices=jax.device_count())
 
 
 def test_curves_over_seeds_and_csv(tmp_path):
@@ -112,21 +199,41 @@ def test_curves_over_seeds_and_csv(tmp_path):
         curves.read_run(bad, "arm", 0)
 
 
-def test_format_item_and_the_shipped_tiny_data():
-    import pathlib
+def test_run_summary(tmp_path):
+    lines = []
+    for step in range(1, 21):
+        record = {"step": step, "reward_scaffolded_mean": 0.5 + step / 100, "reward_unscaffolded_mean": step / 40,
+                  "kl": 0.001 * step}
+        if step == 1:
+            record["val/score_initial"] = 0.25
+        if step % 10 == 0:
+            record["val/score"] = 0.25 + step / 40
+        lines.append(json.dumps(record))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    text = summarize(tmp_path)
+    row = next(line for line in text.splitlines() if "unscaffolded" in line).split()
+    assert row[3:5] == [f"{np.mean(np.arange(1, 11) / 40):.3f}", f"{np.mean(np.arange(11, 21) / 40):.3f}"]
+    held = next(line for line in text.splitlines() if "held-out" in line).split()
+    assert held[4:6] == ["0.250", "0.750"]
+    assert str(tmp_path / "metrics.jsonl") in text
+    assert sparkline([0.0, 0.5, 1.0], lo=0.0, hi=1.0) == " ▄█"
+    assert len(sparkline(list(range(100)), width=10)) == 10
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{oops\n')
+    with pytest.raises(ValueError, match="metrics.jsonl, line 2"):
+        summarize(tmp_path)
 
-    from ruscarl_jax.data.loaders import load_examples
-    from ruscarl_jax.judge.verifiers import check_rule
 
-    root = pathlib.Path(__file__).resolve().parents[1]
-    for name, held_out, count in (("train", False, 128), ("val", True, 32)):  # data/tiny = the generator, no format item
-        shipped, _ = load_examples(root / "data" / "tiny" / f"{name}.jsonl")
-        assert shipped == synthetic.make_examples(count, 0, held_out=held_out)
-    item = synthetic.format_item()
-    for ex in synthetic.make_examples(4, 0, with_format=True) + synthetic.make_warm_start_examples(4, 0, with_format=True):
-        assert ex.rubric[-1] == item and len(ex.rubric) == 5
-        answer = synthetic.demonstration(ex, tuple(range(5)), np.random.default_rng(0))
-        assert check_rule(item, answer)
-        assert sum(i.points for i, m in zip(ex.rubric, [check_rule(i, answer) for i in ex.rubric]) if m) == ex.positive_points
-    assert not check_rule(item, "Notes: amber kettle lantern willow")  # the many-words loophole
-    assert not check_rule(item, "amber kettle lantern")
+def test_results_json_matches_the_doc():
+    data = json.loads((ROOT / "docs" / "exploration_bottleneck.json").read_text())
+    doc = (ROOT / "docs" / "exploration_bottleneck.md").read_text()
+    assert set(data["arms"]) == {"plain_grpo", "ruscarl", "ruscarl_no_step_decay"}
+    assert data["primary_measure"]
+    for arm, values in data["arms"].items():
+        finals = values["heldout_final"]
+        assert len(finals) == 5 and all(isinstance(v, float) and -1 <= v <= 1 for v in finals)
+        cell = f"{np.mean(finals):.3f} ± {np.std(finals):.3f} [{', '.join(f'{v:.2f}' for v in finals)}]"
+        assert cell in doc, arm
+    assert set(data["base_rates"]) == {"rare_word", "avoid_word", "format"}
+    for kind, rates in data["base_rates"].items():
+        assert set(rates) == {"unscaffolded", "scaffolded"}
+        assert f"{kind}: {rates['unscaffolded']:.4f} without a scaffold, {rates['scaffolded']:.4f}" in doc

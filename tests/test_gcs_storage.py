@@ -22,7 +22,7 @@ EXPORT = [sys.executable, str(ROOT / "scripts" / "export.py")]
 FAST = ["--config.data.batch_size=4", "--config.rollout.num_generations=2", "--config.rollout.max_new_tokens=6",
         "--config.grpo.ppo_mini_batch_size=8", "--config.grpo.ppo_micro_batch_size=4",
         "--config.trainer.checkpoint_every=1", "--config.trainer.test_freq=2", "--config.data.val_examples=4",
-        "--config.model.tiny.num_layers=1", "--config.trainer.compilation_cache_dir="]
+        "--config.model.tiny.num_layers=1", "--config.trainer.compilation_cache_dir=", "--config.warm_start.path="]
 STARTUP_WAIT_S = 30
 
 
@@ -154,7 +154,7 @@ def test_train_resume_and_export_on_gcs(gcs, tmp_path):
     # a changed config does not resume; the error names the key and nothing is compiled or written
     data.write_text((ROOT / "data" / "tiny" / "train.jsonl").read_text())
     proc = _run(gcs, TRAIN + on_gcs + ["--config.trainer.total_steps=4", "--config.optim.learning_rate=0.5"], check=False)
-    assert proc.returncode == 2 and "config.optim.learning_rate: 0.003 in the run, 0.5 now" in proc.stderr
+    assert proc.returncode == 2 and "config.optim.learning_rate: 0.001 in the run, 0.5 now" in proc.stderr
     assert not (run / "checkpoints" / "4").exists()
 
 

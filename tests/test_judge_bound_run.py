@@ -27,6 +27,7 @@ def test_parse_failure_bound_stops_the_run_before_the_update(tmp_path, monkeypat
     c.rollout.update(dict(num_generations=2, max_new_tokens=4))
     c.grpo.update(dict(ppo_mini_batch_size=8, ppo_micro_batch_size=8))
     c.model.tiny.num_layers = 1
+    c.warm_start.path = ""  # from the random model: no SFT warm start to build
     c.trainer.update(dict(total_steps=2, checkpoint_every=1, test_freq=0, tensorboard=False, save_rollouts=False))
     with FakeJudgeServer(faults=Faults(rate=1.0, kinds=("malformed",))) as server:
         c.judge.update(dict(base_urls=(server.base_url,), model="fake-judge", max_retries=1, backoff_base_s=0.01,

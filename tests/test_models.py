@@ -41,20 +41,31 @@ def test_bfloat16_close_to_float32(tmp_path):
     assert _masked_max_diff(l16, l32, mask) < 0.1 * np.abs(l32).max() + 0.05
 
 
-def test_kv_cache_forward_equals_full_forward(tmp_path):
+def test_paged_prefill_and_decode_equal_full_forward(tmp_path):
+    """The same layer code, three ways: prefill 4 tokens into pages, decode the rest one by one, against
+    one full forward. Pages are scattered (not in order) and two rows share one page pool."""
     model = make_hf_model("qwen2_gqa2_untied")
     cfg, params = hf_io.load_checkpoint(save_hf_model(model, tmp_path))
-    tokens, mask = left_padded_batch(cfg.vocab_size, [6, 3])
+    lengths = [6, 3]
+    tokens, mask = left_padded_batch(cfg.vocab_size, lengths)
     full = np.asarray(qwen.forward(params, cfg, tokens, mask))
-    cache = qwen.init_cache(cfg, 2, 10)
-    kv_mask = np.zeros((2, 10), np.int32)
+    page = 2
+    cache = qwen.init_paged_cache(cfg, groups=1, pages_per_group=8, page_size=page)
+    table = np.array([[5, 0, 3], [7, 2, 6]], np.int32)  # row r's token j -> page table[r, j // 2], offset j % 2
     positions = np.asarray(qwen.default_positions(mask))
-    kv_mask[:, :4] = mask[:, :4]
-    h1, cache = qwen.forward_cached(params, cfg, tokens[:, :4], positions[:, :4], cache, kv_mask, 0)
-    kv_mask[:, 4:6] = mask[:, 4:6]
-    h2, cache = qwen.forward_cached(params, cfg, tokens[:, 4:], positions[:, 4:], cache, kv_mask, 4)
-    stitched = np.concatenate([h1, h2], axis=1)
-    assert _masked_max_diff(stitched, full, mask) < 1e-5
+    # prefill the first 4 columns (left padded: row 1 has one real token there); pads write nothing
+    pre = slice(0, 4)
+    pages = np.where(mask[:, pre] == 1, np.take_along_axis(table, positions[:, pre] // page, 1), 8)
+    ctx = dict(kv_mask=mask[:, pre], write_page=pages, write_offset=positions[:, pre] % page)
+    h, cache = qwen.forward_paged(params, cfg, tokens[:, pre], positions[:, pre], cache, ctx)
+    hidden = [np.asarray(h)]
+    for col in range(4, 6):
+        pos = positions[:, col:col + 1]
+        ctx = dict(write_page=np.take_along_axis(table, pos // page, 1), write_offset=pos % page, page_table=table,
+                   lengths=pos[:, 0] + 1)
+        h, cache = qwen.forward_paged(params, cfg, tokens[:, col:col + 1], pos, cache, ctx, paged_attention="jax")
+        hidden.append(np.asarray(h))
+    assert _masked_max_diff(np.concatenate(hidden, axis=1), full, mask) < 1e-5
 
 
 @pytest.mark.parametrize("name", ["qwen2_gqa2_untied", "qwen3_tied_gqa4"])
@@ -123,7 +134,7 @@ def _edit_config(directory, **changes):
 def test_unsupported_architecture_is_named(tmp_path):
     directory = _save(tmp_path)
     _edit_config(directory, architectures=["LlamaForCausalLM"])
-    with pytest.raises(hf_io.CheckpointError, match=r"LlamaForCausalLM.*supported: \['Qwen2ForCausalLM', 'Qwen3ForCausalLM'\]"):
+    with pytest.raises(hf_io.CheckpointError, match=r"LlamaForCausalLM.*supported: \['Qwen2ForCausalLM', 'Qwen3ForCausalLM', 'Qwen3MoeForCausalLM'\]"):
         hf_io.load_checkpoint(directory)
 
 
@@ -171,4 +182,4 @@ def test_mesh_that_does_not_divide_devices_names_sizes():
         make_mesh({"data": 1, "fsdp": 3, "tensor": 2})
     with pytest.raises(ValueError, match=r"8 devices cannot be split"):
         make_mesh({"data": -1, "fsdp": 3, "tensor": 1})
-    assert dict(make_mesh({"data": -1, "tensor": 2}).shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert dict(make_mesh({"data": -1, "tensor": 2}).shape) == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 2}

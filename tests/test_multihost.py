@@ -32,7 +32,8 @@ COMMON = ["--config.data.batch_size=4", "--config.rollout.num_generations=2", "-
           "--config.grpo.entropy_coeff=0.01",  # every update moves the parameters, whatever the rewards
           "--config.trainer.checkpoint_every=1", "--config.trainer.keep_checkpoints=10",
           "--config.trainer.test_freq=3", "--config.data.val_examples=6", "--config.model.tiny.num_layers=1",
-          "--config.trainer.tensorboard=False", "--config.trainer.compilation_cache_dir=", "--config.data.shuffle=True"]
+          "--config.trainer.tensorboard=False", "--config.trainer.compilation_cache_dir=", "--config.data.shuffle=True",
+          "--config.warm_start.path="]
 TIMING = ("rollout_seconds", "judge_seconds", "update_seconds", "tokens_per_second", "judge_hidden_seconds")
 
 

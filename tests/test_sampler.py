@@ -20,10 +20,10 @@ from model_fixtures import hf_logits, left_padded_batch, make_hf_model, save_hf_
 
 from ruscarl_jax.models import hf_io, qwen
 from ruscarl_jax.models.sharding import logical_to_spec, make_mesh
-from ruscarl_jax.sampler import generate as generate_module
-from ruscarl_jax.sampler.decode_step import DECODE_CACHE_AXES
+from ruscarl_jax.models.attention import PAGED_CACHE_AXES
+from ruscarl_jax.sampler import engine as engine_module
 from ruscarl_jax.sampler.generate import fold_step_key, generate, pad_prompts
-from ruscarl_jax.sampler.settings import SamplingSettings, bucket_length
+from ruscarl_jax.sampler.settings import EngineSettings, SamplingSettings, bucket_length
 
 VOCAB = 101
 LENGTHS = [9, 4, 1, 7, 12, 3]  # mixed prompt lengths, left padded
@@ -147,10 +147,10 @@ def test_stop_tokens_end_rows_and_the_rest_stays_padded(tiny):
     np.testing.assert_array_equal(outs[0].tokens, outs[2].tokens)
 
     # other prompt lengths in the same bucket (longest 9..16 -> width 16) reuse the compiled programs
-    compiled = (generate_module._prefill_jit._cache_size(), generate_module._decode_jit._cache_size())
+    compiled = (engine_module._prefill_jit._cache_size(), engine_module._decode_jit._cache_size())
     other, other_mask = left_padded_batch(VOCAB, [16, 2, 9, 5, 11, 1], seed=9)
     assert generate(params, cfg, (other, other_mask), key, settings).prompt_tokens.shape == (len(LENGTHS), 16)
-    assert (generate_module._prefill_jit._cache_size(), generate_module._decode_jit._cache_size()) == compiled
+    assert (engine_module._prefill_jit._cache_size(), engine_module._decode_jit._cache_size()) == compiled
 
 
 def test_every_row_stopping_exits_the_loop_early(tiny):
@@ -164,11 +164,14 @@ def test_every_row_stopping_exits_the_loop_early(tiny):
     assert (out.tokens[:, out.num_steps:] == PAD).all() and out.tokens.shape == (len(LENGTHS), 40)
 
 
-def test_eight_devices_give_the_one_device_greedy_output(tiny):
+# one slot per row; and 4 slots (one per data-parallel shard) refilled from 6 rows, 4-token pages
+@pytest.mark.parametrize("engine_settings", [EngineSettings(), EngineSettings(slots=4, page_size=4, check_every=5)])
+def test_eight_devices_give_the_one_device_greedy_output(tiny, engine_settings):
     assert len(jax.devices()) == 8
     _, directory, cfg, params = tiny("qwen2_gqa4_tied")
-    tokens, mask = left_padded_batch(VOCAB, LENGTHS, seed=2)  # 6 rows: padded to 8 for data x fsdp = 4
-    settings = SamplingSettings(max_new_tokens=R, greedy=True, stop_token_ids=(5,), pad_token_id=PAD, prompt_bucket_min=8)
+    tokens, mask = left_padded_batch(VOCAB, LENGTHS, seed=2)  # 6 rows: slots padded to a multiple of data x fsdp = 4
+    settings = SamplingSettings(max_new_tokens=R, greedy=True, stop_token_ids=(5,), pad_token_id=PAD, prompt_bucket_min=8,
+                                engine=engine_settings)
     ref = generate(params, cfg, (tokens, mask), jax.random.key(0), settings)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     _, sharded = hf_io.load_checkpoint(directory, mesh=mesh)
@@ -178,12 +181,11 @@ def test_eight_devices_give_the_one_device_greedy_output(tiny):
     np.testing.assert_array_equal(out.finish_reason, ref.finish_reason)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
 
-    # the decode cache is laid out as its logical axes say: batch over data x fsdp, KV heads over tensor
-    padded, padded_mask, _ = pad_prompts((tokens, mask), settings, cfg.vocab_size, batch_multiple=4)
-    seeds = np.arange(padded.shape[0], dtype=np.uint32)
-    cache, _ = generate_module._prefill_jit(sharded, padded, padded_mask, seeds, jax.random.key(0), cfg=cfg, settings=settings,
-                                            mesh=mesh, rules=generate_module.DEFAULT_RULES)
-    spec = logical_to_spec(DECODE_CACHE_AXES, cache["k"].shape, mesh)
+    # the paged cache is laid out as its logical axes say: page groups over data x fsdp, KV heads over tensor
+    layout = engine_module.plan(cfg, settings, rows=6, longest_prompt=12, mesh=mesh)
+    assert layout.groups == 4 and layout.slots == (8 if engine_settings.slots == 0 else 4)
+    cache = engine_module._init_cache_jit(cfg, layout, mesh, engine_module.DEFAULT_RULES)
+    spec = logical_to_spec(PAGED_CACHE_AXES, cache["k"].shape, mesh)
     assert cache["k"].sharding.spec == spec and tuple(spec)[1:3] == (("data", "fsdp"), "tensor")
 
 
@@ -241,7 +243,9 @@ def test_step_keys_are_fresh_per_step():
 MULTI_CFG = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=8, tie_word_embeddings=True)
 MULTI_PROMPTS = [[5, 9, 2], [7], [1, 2, 3, 4, 5], [8, 8, 1, 30, 2, 2, 9, 11, 4, 3, 6], [40, 41]]  # process 0: 3 rows, 1: 2
-MULTI_SETTINGS = dict(max_new_tokens=6, greedy=True, pad_token_id=PAD, prompt_bucket_min=8)
+# one slot per data-parallel shard (2 per process) for 3 and 2 prompts: the processes refill in lockstep
+MULTI_SETTINGS = dict(max_new_tokens=6, greedy=True, pad_token_id=PAD, prompt_bucket_min=8, stop_token_ids=(3, 9),
+                      engine=dict(slots=2, page_size=2, check_every=2))
 
 _CHILD = """
 import json, sys

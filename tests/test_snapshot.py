@@ -53,14 +53,14 @@ def test_a_changed_config_names_every_changed_key(tmp_path):
     snapshot.write(config, _tokenizer(), tmp_path)
     changed = _config("tiny")
     changed.optim.learning_rate = 0.5
-    changed.rollout.num_generations = 8
+    changed.rollout.num_generations = 4
     changed.trainer.total_steps = 99  # allowed, so not named
     with pytest.raises(snapshot.SnapshotMismatch) as err:
         snapshot.check_config(changed, tmp_path)
     message = str(err.value)
-    assert message.startswith("config.optim.learning_rate: 0.003 in the run, 0.5 now; "
-                              "config.rollout.num_generations: 4 in the run, 8 now.")
-    assert "total_steps: 60" not in message and "trainer.total_steps" in message  # listed as resumable only
+    assert message.startswith("config.optim.learning_rate: 0.001 in the run, 0.5 now; "
+                              "config.rollout.num_generations: 8 in the run, 4 now.")
+    assert "total_steps: 100" not in message and "trainer.total_steps" in message  # listed as resumable only
 
 
 def test_a_new_key_counts_as_a_change(tmp_path):

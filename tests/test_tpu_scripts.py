@@ -271,7 +271,7 @@ def test_launch_trains_the_tiny_config_on_two_loopback_workers(tmp_path):
                    "--config.grpo.ppo_micro_batch_size=4", "--config.trainer.checkpoint_every=1",
                    "--config.trainer.test_freq=0", "--config.model.tiny.num_layers=1",
                    "--config.trainer.tensorboard=False", "--config.trainer.compilation_cache_dir=",
-                   "--config.distributed.cpu_collectives=gloo"]
+                   "--config.distributed.cpu_collectives=gloo", "--config.warm_start.path="]
     res = _run("launch.sh", *LOC, "--config", "configs/tiny.py", f"--workdir={workdir}", "--no-api-key", "--",
                *train_flags, env=env)
     assert res.returncode == 0, res.stderr

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from rl_toy import FAST_COMPILE, TOY_POLICY, rollout_batch, toy_hidden, toy_params
+from rl_toy import FAST_COMPILE, TOY_POLICY, assert_directional_derivatives, rollout_batch, toy_hidden, toy_params
 
 from ruscarl_jax.rl.logprobs import response_logprobs
 from ruscarl_jax.rl.losses import normalizers
@@ -70,15 +70,8 @@ def test_loss_gradient_matches_finite_differences(mode):
         def loss_fn(p):
             return grpo_loss(p, micro, normalizers(mask), policy=TOY_POLICY, settings=settings)[0]
 
-        loss = jax.jit(loss_fn, compiler_options=FAST_COMPILE)
         grads = jax.jit(jax.grad(loss_fn), compiler_options=FAST_COMPILE)(params)
-        flat, unravel = jax.flatten_util.ravel_pytree(params)
-        gflat = jax.flatten_util.ravel_pytree(grads)[0]
-        eps = 1e-6
-        for k in range(4):
-            d = jnp.asarray(np.random.default_rng(10 + k).normal(size=flat.shape))
-            fd = (loss(unravel(flat + eps * d)) - loss(unravel(flat - eps * d))) / (2 * eps)
-            np.testing.assert_allclose(float(fd), float(gflat @ d), rtol=1e-6, atol=1e-9)
+        assert_directional_derivatives(jax.jit(loss_fn, compiler_options=FAST_COMPILE), params, grads)
 
 
 # ---------------------------------------------------------------- accumulation and sharding

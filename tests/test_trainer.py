@@ -24,7 +24,8 @@ FAST = ["--config.data.batch_size=4", "--config.rollout.num_generations=2", "--c
         "--config.grpo.ppo_mini_batch_size=8", "--config.grpo.ppo_micro_batch_size=4",
         "--config.trainer.checkpoint_every=1", "--config.trainer.test_freq=2", "--config.data.val_examples=4",
         "--config.model.tiny.num_layers=1", "--config.trainer.tensorboard=False",
-        "--config.trainer.compilation_cache_dir="]  # "" = the session cache that conftest.py sets up
+        "--config.trainer.compilation_cache_dir=",  # "" = the session cache that conftest.py sets up
+        "--config.warm_start.path="]  # from the random model: no SFT warm start to build
 REQUIRED_KEYS = ["step", "reward_mean", "reward_std", "reward_scaffolded_mean", "reward_unscaffolded_mean",
                  "reveal_ratio_mean", "response_length_mean", "kl", "entropy", "pg_clipfrac", "grad_norm",
                  "judge_ungraded", "rollout_seconds", "judge_seconds", "update_seconds", "tokens_per_second",
@@ -100,7 +101,7 @@ def test_metrics_and_rollout_records(reference_run):
             by_example.setdefault(rec["example_id"], {})[rec["sample_index"]] = rec
         for group in by_example.values():
             assert group[0]["ratio"] >= group[1]["ratio"] == 0.0
-            assert group[1]["system_message"] is not None  # add_base_when_zero: the base message
+            assert group[1]["system_message"] is None  # add_base_when_zero=False (tiny default): nothing added
 
 
 def test_exact_resume_after_sigkill(reference_run, tmp_path):

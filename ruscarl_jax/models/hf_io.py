@@ -7,11 +7,12 @@ time and writes safetensors shards plus an index that ``transformers`` (and vLLM
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_dtypes
@@ -21,9 +22,15 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ruscarl_jax.models import qwen
-from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules, tree_shardings
+from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules, check_expert_axis, make_mesh, tree_shardings
 
-SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+SUPPORTED_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3_moe"}
+# MoE features of neighbouring architectures that this model does not implement: (key, value allowed)
+UNSUPPORTED_MOE_KEYS = (("shared_expert_intermediate_size", (None, 0)), ("n_shared_experts", (None, 0)),
+                        ("num_shared_experts", (None, 0)), ("scoring_func", (None, "softmax")),
+                        ("topk_method", (None, "greedy")), ("n_group", (None, 1)),
+                        ("router_jitter_noise", (None, 0, 0.0)),
+                        ("hidden_act", (None, "silu")))
 
 
 class CheckpointError(ValueError):
@@ -54,6 +61,20 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", dtype: st
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     heads = int(need("num_attention_heads"))
     hidden = int(need("hidden_size"))
+    moe_fields: dict[str, Any] = {}
+    if family == "qwen3_moe":
+        for key, allowed in UNSUPPORTED_MOE_KEYS:
+            if hf.get(key) not in allowed:
+                raise CheckpointError(f"{source}: {key}={hf[key]!r} is not supported by the Qwen3-MoE model "
+                                      f"(allowed: {[a for a in allowed if a is not None]})")
+        experts = hf.get("num_experts", hf.get("num_local_experts"))
+        if experts is None:
+            raise CheckpointError(f"{source}: missing key 'num_experts'")
+        moe_fields = dict(num_experts=int(experts), num_experts_per_tok=int(need("num_experts_per_tok")),
+                          moe_intermediate_size=int(need("moe_intermediate_size")),
+                          norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                          decoder_sparse_step=int(hf.get("decoder_sparse_step", 1)),
+                          mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()))
     return qwen.QwenConfig(
         vocab_size=int(need("vocab_size")), hidden_size=hidden, intermediate_size=int(need("intermediate_size")),
         num_layers=int(need("num_hidden_layers")), num_heads=heads,
@@ -61,7 +82,7 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", dtype: st
         head_dim=int(hf.get("head_dim") or hidden // heads), rope_theta=float(theta),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         qkv_bias=True if family == "qwen2" else bool(hf.get("attention_bias", False)),
-        qk_norm=family == "qwen3", dtype=dtype, param_dtype=param_dtype, remat=remat)
+        qk_norm=family != "qwen2", dtype=dtype, param_dtype=param_dtype, remat=remat, **moe_fields)
 
 
 def config_to_hf(cfg: qwen.QwenConfig) -> dict[str, Any]:
@@ -72,7 +93,14 @@ def config_to_hf(cfg: qwen.QwenConfig) -> dict[str, Any]:
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
         rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings, rope_theta=cfg.rope_theta)
-    if cfg.qk_norm:
+    if cfg.num_experts:
+        hf = transformers.Qwen3MoeConfig(
+            head_dim=cfg.head_dim, attention_bias=cfg.qkv_bias, num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.num_experts_per_tok, moe_intermediate_size=cfg.moe_intermediate_size,
+            norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=cfg.decoder_sparse_step,
+            mlp_only_layers=list(cfg.mlp_only_layers), **common)
+        hf.architectures = ["Qwen3MoeForCausalLM"]
+    elif cfg.qk_norm:
         hf = transformers.Qwen3Config(head_dim=cfg.head_dim, attention_bias=cfg.qkv_bias, **common)
         hf.architectures = ["Qwen3ForCausalLM"]
     else:
@@ -85,32 +113,79 @@ def config_to_hf(cfg: qwen.QwenConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ weight mapping
-# Each of our leaves maps to one HF tensor (per layer for stacked leaves) through a layout `kind`:
-#   copy: same layout; T: transposed matrix; in_heads: ours [E, N, D] = hf [N*D, E]^T;
-#   out_heads: ours [N, D, E] = hf [E, N*D]^T; heads_bias: ours [N, D] = hf [N*D].
+# Each of our leaves maps to one HF tensor (per layer, and per expert, for stacked leaves) through a
+# layout `kind`: copy: same layout; T: transposed matrix; in_heads: ours [E, N, D] = hf [N*D, E]^T;
+# out_heads: ours [N, D, E] = hf [E, N*D]^T; heads_bias: ours [N, D] = hf [N*D].
+# A leaf of a layer stack [L, ...] names HF tensors by "{layer}" (first_layer + its index); a MoE
+# expert leaf [L, X, ...] also by "{expert}": the hub's per-expert layout, stacked on load.
 
-def _weight_map(cfg: qwen.QwenConfig) -> dict[tuple[str, ...], tuple[str, str]]:
-    layer = "model.layers.{}."
+
+class WeightSpec(NamedTuple):
+    """Where one of our leaves lives in the HF checkpoint (see the comment above)."""
+
+    template: str
+    kind: str
+    first_layer: int = 0
+
+    @property
+    def stacked(self) -> int:
+        """How many leading axes of our leaf index HF tensors (0, 1 = layers, 2 = layers x experts)."""
+        return ("{layer}" in self.template) + ("{expert}" in self.template)
+
+    def names(self, shape: tuple[int, ...]) -> dict[tuple[int, ...], str]:
+        """Our leading index -> HF tensor name, for a leaf of `shape`."""
+        if self.stacked == 0:
+            return {(): self.template}
+        if self.stacked == 1:
+            return {(i,): self.template.format(layer=self.first_layer + i) for i in range(shape[0])}
+        return {(i, x): self.template.format(layer=self.first_layer + i, expert=x)
+                for i in range(shape[0]) for x in range(shape[1])}
+
+
+def _weight_map(cfg: qwen.QwenConfig) -> dict[tuple[str, ...], WeightSpec]:
+    layer = "model.layers.{layer}."
     table = {
-        ("embed", "embedding"): ("model.embed_tokens.weight", "copy"),
-        ("final_norm", "scale"): ("model.norm.weight", "copy"),
-        ("layers", "input_norm", "scale"): (layer + "input_layernorm.weight", "copy"),
-        ("layers", "post_attention_norm", "scale"): (layer + "post_attention_layernorm.weight", "copy"),
-        ("layers", "o_proj", "kernel"): (layer + "self_attn.o_proj.weight", "out_heads"),
-        ("layers", "gate_proj", "kernel"): (layer + "mlp.gate_proj.weight", "T"),
-        ("layers", "up_proj", "kernel"): (layer + "mlp.up_proj.weight", "T"),
-        ("layers", "down_proj", "kernel"): (layer + "mlp.down_proj.weight", "T"),
+        ("embed", "embedding"): WeightSpec("model.embed_tokens.weight", "copy"),
+        ("final_norm", "scale"): WeightSpec("model.norm.weight", "copy"),
     }
-    for p in ("q", "k", "v"):
-        table[("layers", f"{p}_proj", "kernel")] = (layer + f"self_attn.{p}_proj.weight", "in_heads")
-        if cfg.qkv_bias:
-            table[("layers", f"{p}_proj", "bias")] = (layer + f"self_attn.{p}_proj.bias", "heads_bias")
-    if cfg.qk_norm:
-        table[("layers", "q_norm", "scale")] = (layer + "self_attn.q_norm.weight", "copy")
-        table[("layers", "k_norm", "scale")] = (layer + "self_attn.k_norm.weight", "copy")
+    for stack, first, _, sparse in cfg.layer_segments:
+        per_layer = {
+            ("input_norm", "scale"): ("input_layernorm.weight", "copy"),
+            ("post_attention_norm", "scale"): ("post_attention_layernorm.weight", "copy"),
+            ("o_proj", "kernel"): ("self_attn.o_proj.weight", "out_heads"),
+        }
+        if sparse:
+            per_layer.update({
+                ("mlp", "router"): ("mlp.gate.weight", "T"),
+                ("mlp", "gate_proj"): ("mlp.experts.{expert}.gate_proj.weight", "T"),
+                ("mlp", "up_proj"): ("mlp.experts.{expert}.up_proj.weight", "T"),
+                ("mlp", "down_proj"): ("mlp.experts.{expert}.down_proj.weight", "T"),
+            })
+        else:
+            for p in ("gate", "up", "down"):
+                per_layer[(f"{p}_proj", "kernel")] = (f"mlp.{p}_proj.weight", "T")
+        for p in ("q", "k", "v"):
+            per_layer[(f"{p}_proj", "kernel")] = (f"self_attn.{p}_proj.weight", "in_heads")
+            if cfg.qkv_bias:
+                per_layer[(f"{p}_proj", "bias")] = (f"self_attn.{p}_proj.bias", "heads_bias")
+        if cfg.qk_norm:
+            per_layer[("q_norm", "scale")] = ("self_attn.q_norm.weight", "copy")
+            per_layer[("k_norm", "scale")] = ("self_attn.k_norm.weight", "copy")
+        table.update({(stack,) + path: WeightSpec(layer + name, kind, first)
+                      for path, (name, kind) in per_layer.items()})
     if not cfg.tie_word_embeddings:
-        table[("lm_head",)] = ("lm_head.weight", "T")
+        table[("lm_head",)] = WeightSpec("lm_head.weight", "T")
     return table
+
+
+def _where(name: str) -> str:
+    """' (layer 3, expert 5)' for a per-expert HF tensor name, '' otherwise."""
+    parts = name.split(".")
+    if "experts" not in parts:
+        return ""
+    found = [f"{word} {parts[i + 1]}" for i, word in enumerate(parts[:-1])
+             if word in ("layers", "experts") and parts[i + 1].isdigit()]
+    return f" ({', '.join(found).replace('layers', 'layer').replace('experts', 'expert')})" if found else ""
 
 
 def _hf_shape(kind: str, ours: tuple[int, ...]) -> tuple[int, ...]:
@@ -239,42 +314,47 @@ def load_params(directory: str | os.PathLike, cfg: qwen.QwenConfig, mesh: Mesh |
         raise AssertionError(f"weight map mismatch: {set(ours) ^ set(wmap)}")
 
     expected: dict[str, tuple[int, ...]] = {}
-    for path, (template, kind) in wmap.items():
+    for path, spec in wmap.items():
         shape = ours[path].shape
-        if path[0] == "layers":
-            for i in range(cfg.num_layers):
-                expected[template.format(i)] = _hf_shape(kind, shape[1:])
-        else:
-            expected[template] = _hf_shape(kind, shape)
+        for name in spec.names(shape).values():
+            expected[name] = _hf_shape(spec.kind, shape[spec.stacked:])
     present = set(index.shapes)
     if cfg.tie_word_embeddings:
         present.discard("lm_head.weight")  # some exporters write the tied head too; it is the embedding
     missing = sorted(set(expected) - present)
     extra = sorted(k for k in present - set(expected) if not k.endswith("rotary_emb.inv_freq"))
     if missing:
-        raise CheckpointError(f"{directory}: missing weight '{missing[0]}'" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise CheckpointError(f"{directory}: missing weight '{missing[0]}'{_where(missing[0])}, expected shape "
+                              f"{expected[missing[0]]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if extra:
         raise CheckpointError(f"{directory}: unexpected weight '{extra[0]}' in {index.file_of[extra[0]]}"
                               + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "") + " for this architecture")
     for key, shape in expected.items():
         if index.shapes[key] != shape:
-            raise CheckpointError(f"{directory}/{index.file_of[key]}: weight '{key}' has shape {index.shapes[key]}, expected {shape}")
+            raise CheckpointError(f"{directory}/{index.file_of[key]}: weight '{key}'{_where(key)} has shape "
+                                  f"{index.shapes[key]}, expected {shape}")
 
     if mesh is None:
-        mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+        mesh = make_mesh({}, jax.devices()[:1])
+    try:
+        check_expert_axis(cfg.num_experts, mesh.shape.get("expert", 1))
+    except ValueError as err:
+        raise CheckpointError(f"{directory}: {err}") from None
     shardings = _flatten_paths(tree_shardings(qwen.param_logical_axes(cfg), jax.tree.map(lambda s: s.shape, shapes), mesh, rules))
     dtype = np.dtype(ml_dtypes.bfloat16) if cfg.param_dtype == "bfloat16" else np.dtype(np.float32)
 
     def load_leaf(path: tuple[str, ...]) -> jax.Array:
-        template, kind = wmap[path]
+        spec = wmap[path]
         shape = ours[path].shape
+        names = spec.names(shape)
+        n = spec.stacked
 
         def callback(index_: tuple[slice, ...]) -> np.ndarray:
-            if path[0] != "layers":
-                return _read_block(index.slice_reader(template), kind, index_, shape).astype(dtype)
-            lo, hi = _bounds(index_[0], shape[0])
-            return np.stack([_read_block(index.slice_reader(template.format(i)), kind, index_[1:], shape[1:]).astype(dtype)
-                             for i in range(lo, hi)])
+            ranges = [range(*_bounds(sl, size)) for sl, size in zip(index_[:n], shape[:n])]
+            lead = [len(r) for r in ranges]
+            blocks = [_read_block(index.slice_reader(names[key]), spec.kind, index_[n:], shape[n:]).astype(dtype)
+                      for key in itertools.product(*ranges)]
+            return np.stack(blocks).reshape(lead + list(blocks[0].shape)) if n else blocks[0]
 
         return jax.make_array_from_callback(shape, shardings[path], callback)
 
@@ -319,10 +399,9 @@ def save_checkpoint(directory: str | os.PathLike, params: qwen.Params, cfg: qwen
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     flat = _flatten_paths(params)
-    for path, (template, kind) in _weight_map(cfg).items():
+    for path, spec in _weight_map(cfg).items():
         full = _host_array(flat[path]).astype(out_dtype)
-        tensors = ({template.format(i): _to_hf(kind, full[i]) for i in range(cfg.num_layers)} if path[0] == "layers"
-                   else {template: _to_hf(kind, full)})
+        tensors = {name: _to_hf(spec.kind, full[key]) for key, name in spec.names(full.shape).items()}
         for name, tensor in tensors.items():
             if size and size + tensor.nbytes > max_shard_bytes:
                 shards.append({})

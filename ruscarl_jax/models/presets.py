@@ -19,6 +19,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "Qwen2.5-7B-Instruct": {**_QWEN25, "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
                             "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
                             "tie_word_embeddings": False},
+    "Qwen3-30B-A3B-Instruct-2507": {"architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 151936, "hidden_size": 2048,
+                                    "intermediate_size": 6144, "num_hidden_layers": 48, "num_attention_heads": 32,
+                                    "num_key_value_heads": 4, "head_dim": 128, "rope_theta": 10_000_000.0,
+                                    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "attention_bias": False,
+                                    "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
+                                    "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
 }
 
 

@@ -2,7 +2,8 @@
 
 Every parameter and main activation carries logical axis names (``embed``, ``heads``, ``mlp`` ...). A
 rules table (a tuple of ``(logical_name, mesh_axes)`` pairs, kept in the config) maps them to the mesh
-axes ``data``, ``fsdp`` and ``tensor``. A mesh axis that does not divide the array dimension, or that an
+axes ``data``, ``fsdp``, ``expert`` (expert parallelism: the experts of a MoE layer) and ``tensor``.
+A mesh axis that does not divide the array dimension, or that an
 earlier dimension of the same array already uses, is dropped for that dimension (the dimension is then
 replicated over it), so one rules table serves every model size and mesh shape.
 """
@@ -16,12 +17,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "expert", "tensor")
 
 Rules = tuple[tuple[str, Any], ...]
 
 # Parameters: the embedding dimension is sharded over fsdp (ZeRO-3 style), heads / MLP / vocab over
-# tensor. Activations: batch over data x fsdp, heads / MLP / vocab over tensor, the rest replicated.
+# tensor; MoE experts over expert, each expert's hidden dimension over tensor. Activations: batch over data x fsdp, heads / MLP / vocab over tensor, the rest replicated.
 DEFAULT_RULES: Rules = (
     ("batch", ("data", "fsdp")),
     ("length", None),
@@ -35,11 +36,14 @@ DEFAULT_RULES: Rules = (
     ("layers", None),
     ("norm", None),
     ("cache_length", None),
+    ("expert", "expert"),
+    ("expert_mlp", "tensor"),
+    ("router_experts", None),
 )
 
 
 def make_mesh(shape: dict[str, int] | Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes (data, fsdp, tensor). One size may be -1 ("the rest of the devices")."""
+    """A mesh with axes (data, fsdp, expert, tensor). One size may be -1 ("the rest of the devices")."""
     sizes = dict(shape)
     unknown = set(sizes) - set(MESH_AXES)
     if unknown:
@@ -64,6 +68,18 @@ def make_mesh(shape: dict[str, int] | Sequence[tuple[str, int]], devices: Sequen
             f"mesh: axis sizes {sizes} multiply to {total} but there are {len(devices)} devices")
     grid = np.asarray(devices, dtype=object).reshape([sizes[axis] for axis in MESH_AXES])
     return Mesh(grid, MESH_AXES)
+
+
+def rows_over_expert(rules: Rules) -> Rules:
+    """The rules with the batch also split over the expert axis (data x fsdp x expert): attention and the
+    dense layers then do not repeat work across expert shards; each MoE block gathers its rows."""
+    return tuple((name, ("data", "fsdp", "expert")) if name == "batch" else (name, axes) for name, axes in rules)
+
+
+def check_expert_axis(num_experts: int, expert_axis: int) -> None:
+    """An expert axis must split the experts evenly (each device holds whole experts)."""
+    if num_experts and num_experts % expert_axis:
+        raise ValueError(f"the mesh's expert axis ({expert_axis}) does not divide num_experts ({num_experts})")
 
 
 def _mesh_axes_of(rule_value: Any) -> tuple[str, ...]:

@@ -22,12 +22,17 @@ Batch = dict[str, jax.Array]
 class Policy:
     """hidden(params, tokens [B, T], attention_mask [B, T]) -> final hidden states [B, T, E];
     unembed(params) -> [E, V] (logits = hidden @ unembed). With a mesh, each micro-batch's rows are
-    pinned to the rules' 'batch' axes, so data parallelism splits every micro-batch across devices."""
+    pinned to the rules' 'batch' axes, so data parallelism splits every micro-batch across devices.
+
+    routed (mixture-of-experts models only): routed(params, tokens, mask, forced_experts | None) ->
+    (hidden, routing), where forced_experts / routing["experts"] are [B, L, T, K] expert ids (-1 =
+    the router chooses) and routing holds the scalar router metrics (models.moe.summarize)."""
 
     hidden: Callable[[Params, jax.Array, jax.Array], jax.Array]
     unembed: Callable[[Params], jax.Array]
     mesh: Mesh | None = None
     rules: Rules = DEFAULT_RULES
+    routed: Callable[[Params, jax.Array, jax.Array, jax.Array | None], tuple[jax.Array, dict[str, jax.Array]]] | None = None
 
     def shard_rows(self, batch: Batch) -> Batch:
         """Constrain every [rows, ...] leaf of a (micro-)batch to be split over the batch axes."""
@@ -40,7 +45,11 @@ def qwen_policy(cfg: Any, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES
     """The Flax Qwen decoder (ruscarl_jax.models.qwen) as a Policy; cfg.remat sets its remat policy."""
     from ruscarl_jax.models import qwen
 
+    routed = None
+    if cfg.is_moe:
+        def routed(params, tokens, mask, forced):
+            return qwen.forward_routed(params, cfg, tokens, mask, forced_experts=forced, mesh=mesh, rules=rules)
     return Policy(
         hidden=lambda params, tokens, mask: qwen.forward(params, cfg, tokens, mask, mesh=mesh, rules=rules),
         unembed=lambda params: qwen.output_embedding(params, cfg),
-        mesh=mesh, rules=rules)
+        mesh=mesh, rules=rules, routed=routed)

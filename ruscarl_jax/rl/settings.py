@@ -52,6 +52,10 @@ class GRPOSettings:
     no GRPO signal; DAPO's dynamic-sampling filter without the resampling); mask_truncated drops responses
     that hit max_new_tokens (finish reason 'length') from the loss (they still count in their group's
     reward statistics).
+    router_aux_loss_coef: weight of the MoE load-balancing loss (transformers' load_balancing_loss_func);
+        0 (the default for RL fine-tuning) leaves it a metric only. Ignored by dense models.
+    routing_replay: MoE only: run the old-log-prob, reference and update forwards with the experts
+        each response token was routed to during the rollout (the batch's ``rollout_experts``).
     """
 
     clip_ratio_low: float = 0.2
@@ -82,6 +86,8 @@ class GRPOSettings:
     gap_thresholds: tuple[float, ...] = (0.1, 1.0)
     filter_zero_std_groups: bool = False
     mask_truncated: bool = False
+    router_aux_loss_coef: float = 0.0
+    routing_replay: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
@@ -93,7 +99,7 @@ class GRPOSettings:
             raise bad("kl_estimator", f"valid: {list(KL_ESTIMATORS)}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise bad("compute_dtype", f"valid: {list(COMPUTE_DTYPES)}")
-        for field in ("clip_ratio_low", "clip_ratio_high", "kl_coef", "adv_epsilon"):
+        for field in ("clip_ratio_low", "clip_ratio_high", "kl_coef", "adv_epsilon", "router_aux_loss_coef"):
             if not getattr(self, field) >= 0:
                 raise bad(field, "must be >= 0")
         if not self.clip_ratio_c > 1:

@@ -18,6 +18,12 @@ with 0 leave the group statistics and the loss. Optional, from the rollout: roll
 (the sampler's log-probs, under the scaffolded prompt), scaffolded [N] (1: sampled with reveal ratio
 > 0) and truncated [N] (1: finish reason 'length'); with them the update reports the scaffold gap
 (`rollout_correction`) and can apply the corrections and filters of `GRPOSettings`.
+
+Mixture-of-experts policies (``Policy.routed``): optional rollout_experts int [N, L, R, K], the
+experts the rollout routed each response-scoring position to (the states at P-1 .. P+R-2, which
+score response tokens 0 .. R-1). With ``routing_replay`` the forwards are forced onto them; either
+way the update reports ``routing_mismatch`` (the fraction of response tokens whose expert set, in any
+layer, differs between the rollout and the update forward's own router) next to the router metrics.
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ from ruscarl_jax.rl.policy import Params, Policy
 from ruscarl_jax.rl.settings import GRPOSettings
 
 REQUIRED_KEYS = ("input_ids", "attention_mask", "response_mask", "rewards", "group_ids")
+ROUTING_KEY = "rollout_experts"
 VALID_KEYS = ("row_valid", "sample_weight")
 ROW_KEYS = ("scaffolded", "truncated")  # optional [N] row flags
 
@@ -66,6 +73,10 @@ def check_rollout_batch(batch: Mapping[str, Any]) -> None:
     if "rollout_logprobs" in batch and tuple(np.shape(batch["rollout_logprobs"])) != tuple(resp):
         raise ValueError(f"rollout batch: 'rollout_logprobs' has shape {tuple(np.shape(batch['rollout_logprobs']))}, "
                          f"expected {tuple(resp)} (that of 'response_mask')")
+    if ROUTING_KEY in batch:
+        shape = tuple(np.shape(batch[ROUTING_KEY]))
+        if len(shape) != 4 or shape[0] != n or shape[2] != resp[1]:
+            raise ValueError(f"rollout batch: '{ROUTING_KEY}' has shape {shape}, expected [{n}, layers, {resp[1]}, top_k]")
     for key in ("input_ids", "group_ids"):
         dtype = batch[key].dtype if hasattr(batch[key], "dtype") else np.asarray(batch[key]).dtype
         if not np.issubdtype(dtype, np.integer):
@@ -87,15 +98,44 @@ def _compute_params(params: Params, settings: GRPOSettings) -> Params:
     return params if settings.compute_dtype == "float32" else cast_floating(params, settings.compute_dtype)
 
 
+def _response_positions(experts: jax.Array, total: int) -> jax.Array:
+    """Rollout experts [N, L, R, K] placed at the states that score the response, in a [N, L, total, K] -1 grid."""
+    resp = experts.shape[2]
+    return jnp.pad(experts, ((0, 0), (0, 0), (total - resp - 1, 1), (0, 0)), constant_values=-1)
+
+
+def routing_mismatch(experts: jax.Array, rollout_experts: jax.Array, mask: jax.Array) -> jax.Array:
+    """Sum over response tokens (weighted by mask [N, R]) of 'the expert set differs in some layer'.
+
+    experts [N, L, T, K] from a forward over the whole rows; rollout_experts [N, L, R, K]."""
+    resp = rollout_experts.shape[2]
+    ours = jax.lax.slice_in_dim(experts, experts.shape[2] - resp - 1, experts.shape[2] - 1, axis=2)
+    differ = jnp.any(jnp.sort(ours, axis=-1) != jnp.sort(rollout_experts, axis=-1), axis=(1, 3))
+    return jnp.sum(differ.astype(jnp.float32) * mask)
+
+
+def policy_forward(policy: Policy, params: Params, micro: Batch,
+                   settings: GRPOSettings) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+    """Final hidden states of a micro-batch, and the MoE routing (None for a dense policy)."""
+    if policy.routed is None:
+        return policy.hidden(params, micro["input_ids"], micro["attention_mask"]), None
+    forced = None
+    if settings.routing_replay and ROUTING_KEY in micro:
+        forced = _response_positions(micro[ROUTING_KEY], micro["input_ids"].shape[1])
+    return policy.routed(params, micro["input_ids"], micro["attention_mask"], forced)
+
+
 def rollout_logprobs(params: Params, batch: Batch, *, policy: Policy, settings: GRPOSettings) -> jax.Array:
     """Log-probs [N, R] (float32, no gradient) of the response tokens, in passes of logprob_rows rows."""
     cparams = _compute_params(params, settings)
     resp_len = batch["response_mask"].shape[1]
     rows = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if settings.routing_replay and ROUTING_KEY in batch:
+        rows[ROUTING_KEY] = batch[ROUTING_KEY]
 
     def one(micro: Batch) -> jax.Array:
         micro = policy.shard_rows(micro)
-        hidden = policy.hidden(cparams, micro["input_ids"], micro["attention_mask"])
+        hidden, _ = policy_forward(policy, cparams, micro, settings)
         logp, _ = response_logprobs(hidden, policy.unembed(cparams), micro["input_ids"], resp_len,
                                     temperature=settings.temperature, chunk_size=settings.logprob_chunk_size)
         return logp
@@ -113,7 +153,7 @@ def grpo_loss(params: Params, micro: Batch, norm: Normalizers, *, policy: Policy
     """
     s = settings
     mask = micro["loss_mask"]
-    hidden = policy.hidden(params, micro["input_ids"], micro["attention_mask"])
+    hidden, routing = policy_forward(policy, params, micro, s)
     logp, entropy = response_logprobs(hidden, policy.unembed(params), micro["input_ids"], mask.shape[1],
                                       temperature=s.temperature, chunk_size=s.logprob_chunk_size)
     adv = micro["advantages"][:, None] * mask
@@ -129,6 +169,15 @@ def grpo_loss(params: Params, micro: Batch, norm: Normalizers, *, policy: Policy
         kl_loss = aggregate(kl_penalty(logp, micro["ref_log_probs"], s.kl_estimator), mask, s.loss_agg_mode, norm)
         loss = loss + s.kl_coef * kl_loss
         aux["kl_loss"] = kl_loss
+    if routing is not None:  # MoE: router metrics; this micro-batch's share of the minibatch mean
+        share = s.ppo_micro_batch_size / s.ppo_mini_batch_size
+        for key in ("load_balancing_loss", "expert_load_max_over_mean", "router_entropy"):
+            aux[key] = share * routing[key]
+        if s.router_aux_loss_coef > 0:
+            loss = loss + s.router_aux_loss_coef * aux["load_balancing_loss"]
+        if ROUTING_KEY in micro:
+            aux["routing_mismatch"] = routing_mismatch(routing["experts"], micro[ROUTING_KEY], mask) / jnp.maximum(
+                norm.num_tokens, 1.0)
     return loss, aux
 
 
@@ -157,6 +206,8 @@ def grpo_update(params: Params, opt_state: optax.OptState, batch: Batch, old_log
             extra.update(corr)
             if s.rollout_is != "none":
                 rows["is_weights"] = weights
+    if policy.routed is not None and ROUTING_KEY in batch:
+        rows[ROUTING_KEY] = batch[ROUTING_KEY]
     if s.kl_active:
         if ref_log_probs is None:
             raise ValueError("the KL loss is on (use_kl_loss and kl_coef > 0) but no reference log-probs were given")
@@ -231,6 +282,8 @@ def make_grpo_step(policy: Policy, settings: GRPOSettings, optimizer: optax.Grad
     optimizer state passed in are consumed (their buffers are reused for the results).
     compiler_options are XLA options for both computations (e.g. scheduler flags on TPU).
     """
+    if settings.routing_replay and policy.routed is None:
+        raise ValueError("GRPOSettings.routing_replay=True needs a mixture-of-experts policy; this one is dense")
     options = dict(compiler_options) if compiler_options else None
     logprobs = jax.jit(functools.partial(rollout_logprobs, policy=policy, settings=settings),
                        compiler_options=options)

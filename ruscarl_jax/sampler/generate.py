@@ -1,41 +1,36 @@
-"""Rollouts from the policy itself: jitted prefill, then a decode loop over a static KV cache.
+"""Rollouts from the policy itself, through the rollout engine (sampler/engine.py).
 
 The sampler runs on the parameters exactly as training holds them (same pytree, same shardings);
-nothing is copied into another engine. One call:
+nothing is copied into another engine (they are cast to the compute dtype once per call). One call:
 
-1. pads the prompts to the left to a bucketed width P (see `settings.bucket_length`) and the batch to
-   a multiple of the mesh's data-parallel size (the extra rows are dropped again on return);
-2. prefill (jitted): runs the prompts through ``qwen.forward_cached`` (attending over their P slots),
-   lays their keys / values into slots 0..P-1 of a zeroed static cache of S = P + R slots (sharded
-   per ``decode_step.DECODE_CACHE_AXES``) and samples the first response token;
-3. decode (jitted, cache and loop state donated): a ``lax.while_loop`` that feeds one token per row
-   per step into slot P + t - 1 (``decode_step``) and exits as soon as every row has emitted a stop
-   token, or after R tokens. Each step attends over all S slots, masked.
+1. checks the prompts (token id lists of any lengths, or a left-padded (tokens, mask) pair) and gives
+   each row its seed;
+2. plans the engine's slots and pages (`engine.plan`, from ``settings.engine``) and runs it:
+   continuous batching over a paged KV cache, or the static lockstep baseline
+   (``EngineSettings(schedule="static")``);
+3. returns the responses padded to R = max_new_tokens slots, with the prompts left padded to the
+   bucketed width P (see `settings.bucket_length`).
 
 Log-probs are those of the sampled token under softmax(logits / temperature) over the full vocabulary,
 BEFORE top-k / top-p filtering: the quantity the GRPO update recomputes as the old log-prob. In greedy
 mode they are temperature-1 log-probs.
 
-Compiled code is cached by ``jax.jit`` per (N, P, R) shape, model config, settings and mesh.
-Multi-host: every process passes its own prompts and receives its own rows (``host_to_global``).
+Multi-host: every process passes its own prompts and receives its own rows; the prompt width and the
+row count are agreed first, so every process runs the same programs.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from ruscarl_jax.models import qwen
-from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules, constrain, data_parallel_size, global_to_host, host_to_global
-from ruscarl_jax.sampler.decode_step import decode_step, from_prompt_cache
-from ruscarl_jax.sampler.filtering import sample_tokens, sampled_logprobs
+from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules
+from ruscarl_jax.sampler import engine
 from ruscarl_jax.sampler.settings import SamplingSettings, bucket_length, round_up
 
 Prompts = Sequence[Sequence[int]] | tuple[Any, Any]
@@ -52,7 +47,7 @@ class SampleOutput:
     logprobs: np.ndarray  # [N, R] float32, 0 where response_mask is 0
     finish_reason: np.ndarray  # [N] str: 'stop' (emitted a stop token) or 'length'
     lengths: np.ndarray  # [N] int32, response_mask.sum(-1)
-    num_steps: int  # tokens the loop generated (< R when every row stopped early)
+    num_steps: int  # decode steps the longest row needed (< R when every row stopped early)
 
 
 def fold_step_key(base_key: jax.Array, step: int) -> jax.Array:
@@ -105,83 +100,6 @@ def pad_prompts(prompts: Prompts, settings: SamplingSettings, vocab_size: int, b
     return tokens, mask, n
 
 
-def _max_over_processes(*values: int) -> tuple[int, ...]:
-    """Element-wise maxima over all processes (a tiny all-gather; free on one process)."""
-    if jax.process_count() == 1:
-        return values
-    gathered = np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int64)))
-    return tuple(int(v) for v in gathered.reshape(-1, len(values)).max(axis=0))
-
-
-# ----------------------------------------------------------------------------------------- device side
-
-def _pick_and_record(state: dict, logits: jax.Array, rng: jax.Array, t: jax.Array, s: SamplingSettings) -> dict:
-    """Sample token t of every row that has not stopped; write it, its log-prob and mask at slot t.
-
-    Row i draws with fold_in(fold_in(rng, seed_i), t): its randomness depends on its own seed, not on
-    where it sits in the batch, so a batch split over hosts samples what one host would."""
-    keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.fold_in(rng, seed), t))(state["seeds"])
-    tok = jax.vmap(lambda k, row: sample_tokens(k, row, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                                                 greedy=s.greedy))(keys, logits)
-    logp = sampled_logprobs(logits, tok, 1.0 if s.greedy else s.temperature)
-    alive = ~state["done"]
-    tok = jnp.where(alive, tok, s.pad_token_id).astype(jnp.int32)
-    logp = jnp.where(alive, logp, 0.0)
-    is_stop = jnp.isin(tok, jnp.asarray(s.stop_token_ids, jnp.int32)) if s.stop_token_ids else jnp.zeros_like(alive)
-
-    def put(buffer, column):
-        return jax.lax.dynamic_update_index_in_dim(buffer, column.astype(buffer.dtype), t, axis=1)
-
-    return dict(state, tokens=put(state["tokens"], tok), logprobs=put(state["logprobs"], logp),
-                mask=put(state["mask"], alive), done=state["done"] | (alive & is_stop), step=t + 1)
-
-
-def _prefill(params, prompt_tokens, prompt_mask, seeds, rng, *, cfg, settings, mesh, rules):
-    """Run the prompts (attending over their P slots only), build the decode cache, sample token 0."""
-    n, p = prompt_tokens.shape
-    r = settings.max_new_tokens
-    positions = qwen.default_positions(prompt_mask)
-    prompt_cache = qwen.init_cache(cfg, n, p)
-    hidden, prompt_cache = qwen.forward_cached(params, cfg, prompt_tokens, positions, prompt_cache, prompt_mask, 0,
-                                               mesh=mesh, rules=rules)
-    cache = from_prompt_cache(prompt_cache, p + r, mesh, rules)
-    w = qwen.output_embedding(params, cfg)
-    logits = jnp.einsum("ne,ev->nv", hidden[:, -1], w.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    logits = constrain(logits, ("batch", "vocab"), mesh, rules)
-    state = dict(
-        tokens=jnp.full((n, r), settings.pad_token_id, jnp.int32), logprobs=jnp.zeros((n, r), jnp.float32),
-        mask=jnp.zeros((n, r), jnp.int32), done=jnp.zeros((n,), bool),
-        kv_mask=jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.zeros((n, r), jnp.int32)], axis=1),
-        prompt_len=jnp.sum(prompt_mask, axis=1, dtype=jnp.int32), step=jnp.int32(0), seeds=seeds)
-    return cache, _pick_and_record(state, logits, rng, jnp.int32(0), settings)
-
-
-def _decode(params, cache, state, rng, *, cfg, settings, mesh, rules):
-    """Generate tokens 1..R-1 until every row has stopped: one `decode_step` per token."""
-    n, r = state["tokens"].shape
-    p = state["kv_mask"].shape[1] - r
-
-    def keep_going(carry):
-        _, st = carry
-        return (st["step"] < r) & ~jnp.all(st["done"])
-
-    def step(carry):
-        cache, st = carry
-        t = st["step"]
-        slot = p + t - 1  # the previous token goes into this slot and predicts token t
-        prev = jax.lax.dynamic_index_in_dim(st["tokens"], t - 1, axis=1, keepdims=False)
-        kv_mask = jax.lax.dynamic_update_slice_in_dim(st["kv_mask"], jnp.ones((n, 1), jnp.int32), slot, axis=1)
-        logits, cache = decode_step(params, cfg, prev, st["prompt_len"] + t - 1, cache, kv_mask, slot, mesh=mesh, rules=rules)
-        return cache, _pick_and_record(dict(st, kv_mask=kv_mask), logits, rng, t, settings)
-
-    return jax.lax.while_loop(keep_going, step, (cache, state))
-
-
-_STATIC = ("cfg", "settings", "mesh", "rules")
-_prefill_jit = jax.jit(_prefill, static_argnames=_STATIC)
-_decode_jit = jax.jit(_decode, static_argnames=_STATIC, donate_argnames=("cache", "state"))
-
-
 def generate(params: qwen.Params, cfg: qwen.QwenConfig, prompts: Prompts, rng: jax.Array, settings: SamplingSettings,
              *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, row_seeds: Sequence[int] | None = None) -> SampleOutput:
     """Sample a response for every prompt (token id lists of any lengths, or a left-padded (tokens, mask)).
@@ -196,29 +114,31 @@ def generate(params: qwen.Params, cfg: qwen.QwenConfig, prompts: Prompts, rng: j
     """
     settings.check_vocab(cfg.vocab_size)
     rows = _prompt_rows(prompts)
-    longest, count = _max_over_processes(max((r.size for r in rows), default=0), len(rows))
-    multiple = settings.batch_bucket
-    if mesh is not None:
-        multiple = math.lcm(multiple, max(1, data_parallel_size(mesh, rules) // jax.process_count()))
-    tokens, mask, n = pad_prompts(rows, settings, cfg.vocab_size, multiple, min_length=longest, min_rows=count)
+    longest, count = engine.agree(max((r.size for r in rows), default=0), len(rows))
+    tokens, mask, n = pad_prompts(rows, settings, cfg.vocab_size, min_length=longest)
+    rows = [np.asarray(r, np.int32) for r in _prompt_rows((tokens[:n], mask[:n]))]
+    limit, r = settings.engine.max_seq_len, settings.max_new_tokens
+    for i, row in enumerate(rows):
+        if limit and row.size + r > limit:
+            raise ValueError(f"prompts: row {i} has {row.size} tokens; with max_new_tokens {r} it needs {row.size + r}, "
+                             f"more than the engine's max sequence length {limit} (rollout.engine.max_seq_len)")
     if row_seeds is not None and len(row_seeds) != n:
         raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {n} prompts")
-    seeds = np.zeros(tokens.shape[0], np.uint32)  # default: the row's index in the global batch
-    seeds[:n] = (jax.process_index() * tokens.shape[0] + np.arange(n) if row_seeds is None
-                 else np.asarray(row_seeds, np.int64) % 2**32)
-    if mesh is None:
-        inputs = {"tokens": tokens, "mask": mask, "seeds": seeds}
-    else:
-        inputs = host_to_global({"tokens": tokens, "mask": mask, "seeds": seeds}, mesh, rules)
-    static = dict(cfg=cfg, settings=settings, mesh=mesh, rules=rules)
-    cache, state = _prefill_jit(params, inputs["tokens"], inputs["mask"], inputs["seeds"], rng, **static)
-    _, state = _decode_jit(params, cache, state, rng, **static)
-
-    num_steps = int(np.asarray(state["step"].addressable_data(0)))
-    state = {k: state[k] for k in ("tokens", "mask", "logprobs", "done")}
-    state = jax.tree.map(np.asarray, state) if mesh is None else global_to_host(state, mesh, rules)
-    out_mask = state["mask"][:n]
+    seeds = (jax.process_index() * count + np.arange(n) if row_seeds is None  # default: the row's global index
+             else np.asarray(row_seeds, np.int64)) % 2**32
+    layout = engine.plan(cfg, settings, rows=count, longest_prompt=longest, mesh=mesh, rules=rules)
+    out_tokens, logprobs, stopped, _ = engine.run(params, cfg, rows, seeds.astype(np.uint32), rng, settings, layout,
+                                                  mesh=mesh, rules=rules)
+    out_mask = (np.arange(r)[None, :] < np.asarray([_length(t, s, settings) for t, s in zip(out_tokens, stopped)])[:, None])
+    out_mask = out_mask.astype(np.int32)
+    lengths = out_mask.sum(-1).astype(np.int32)
     return SampleOutput(
-        prompt_tokens=tokens[:n], prompt_mask=mask[:n], tokens=state["tokens"][:n], response_mask=out_mask,
-        logprobs=state["logprobs"][:n], finish_reason=np.where(state["done"][:n], "stop", "length"),
-        lengths=out_mask.sum(-1).astype(np.int32), num_steps=num_steps)
+        prompt_tokens=tokens[:n], prompt_mask=mask[:n], tokens=out_tokens, response_mask=out_mask, logprobs=logprobs,
+        finish_reason=np.where(stopped, "stop", "length"), lengths=lengths, num_steps=int(lengths.max(initial=0)))
+
+
+def _length(tokens: np.ndarray, stopped: bool, settings: SamplingSettings) -> int:
+    """Response length: up to and including the first stop token, else all R tokens."""
+    if not stopped:
+        return settings.max_new_tokens
+    return int(np.flatnonzero(np.isin(tokens, settings.stop_token_ids))[0]) + 1

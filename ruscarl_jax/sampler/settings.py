@@ -16,6 +16,58 @@ import dataclasses
 import math
 
 
+SCHEDULES = ("continuous", "static")
+PAGED_ATTENTION = ("auto", "jax", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """Memory and scheduling of the rollout engine (sampler/engine.py); config section rollout.engine.
+
+    ``slots``: sequences decoded together, over all processes like every batch size (0 = one per
+    prompt of the call). The KV cache holds ``num_pages`` pages of ``page_size`` tokens, over all
+    data-parallel shards (0 = from ``memory_gb``, the cache budget per device; both 0 = enough for
+    every slot at full length, so nothing is ever preempted).
+    ``max_seq_len`` (prompt + response; 0 = the longest prompt of the call + max_new_tokens) sizes a
+    slot's page table. The host looks for finished slots every ``check_every`` decode steps.
+    ``cache_dtype`` ("" = the model's compute dtype) stores keys / values, e.g. "bfloat16".
+    ``attention``: paged decode attention, "jax" (gather + dense attention, runs everywhere),
+    "pallas" (the backend's kernel) or "auto". ``schedule="static"`` is the lockstep baseline: every
+    row in a slot at once, one page per row, decoded until the longest row stops.
+    """
+
+    schedule: str = "continuous"
+    slots: int = 0
+    page_size: int = 16
+    num_pages: int = 0
+    memory_gb: float = 0.0
+    max_seq_len: int = 0
+    check_every: int = 16
+    cache_dtype: str = ""
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"EngineSettings.schedule={self.schedule!r}: valid: {', '.join(SCHEDULES)}")
+        if self.attention not in PAGED_ATTENTION:
+            raise ValueError(f"EngineSettings.attention={self.attention!r}: valid: {', '.join(PAGED_ATTENTION)}")
+        if self.cache_dtype not in ("", "float32", "bfloat16"):
+            raise ValueError(f"EngineSettings.cache_dtype={self.cache_dtype!r}: valid: '', 'float32', 'bfloat16'")
+        for name in ("slots", "num_pages", "max_seq_len"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"EngineSettings.{name}={getattr(self, name)}: must be >= 0 (0 = derived)")
+        for name in ("page_size", "check_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineSettings.{name}={getattr(self, name)}: must be >= 1")
+        if not (math.isfinite(self.memory_gb) and self.memory_gb >= 0):
+            raise ValueError(f"EngineSettings.memory_gb={self.memory_gb}: must be >= 0 (0 = derived)")
+
+    def page_bytes(self, num_layers: int, num_kv_heads: int, head_dim: int, compute_dtype: str) -> int:
+        """Bytes of one page: keys and values of `page_size` tokens in every layer and KV head."""
+        width = 2 if (self.cache_dtype or compute_dtype) == "bfloat16" else 4
+        return 2 * num_layers * num_kv_heads * self.page_size * head_dim * width
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingSettings:
     """What and how to sample. ``top_k=0`` and ``top_p=1.0`` switch those filters off.
@@ -36,9 +88,12 @@ class SamplingSettings:
     prompt_bucket_min: int = 64
     prompt_bucket_steps: int = 1
     batch_bucket: int = 1
+    engine: EngineSettings = EngineSettings()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if isinstance(self.engine, dict):
+            object.__setattr__(self, "engine", EngineSettings(**self.engine))
         if int(self.max_new_tokens) < 1:
             raise ValueError(f"SamplingSettings.max_new_tokens={self.max_new_tokens}: must be >= 1")
         if not self.greedy and not (math.isfinite(self.temperature) and self.temperature > 0):

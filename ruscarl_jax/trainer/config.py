@@ -7,6 +7,7 @@ every section and the cross-section rules, and raises ConfigError naming the off
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from typing import Any
@@ -15,16 +16,17 @@ import ml_collections
 from etils import epath
 
 from ruscarl_jax.judge.settings import JudgeSettings
-from ruscarl_jax.models.sharding import MESH_AXES
+from ruscarl_jax.models import presets
+from ruscarl_jax.models.sharding import MESH_AXES, check_expert_axis
 from ruscarl_jax.rl.optimizer import OptimizerSettings
 from ruscarl_jax.rl.settings import GRPOSettings
-from ruscarl_jax.sampler.settings import SamplingSettings
+from ruscarl_jax.sampler.settings import EngineSettings, SamplingSettings, bucket_length
 from ruscarl_jax.trainer import storage
 from ruscarl_jax.scaffold.message import ScaffoldWording
 from ruscarl_jax.scaffold.settings import STEP_RULES, ScaffoldSettings
+from ruscarl_jax.trainer.warm_start import WarmStartSettings
 
 
-MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 WANDB_KEYS = ("enabled", "project", "entity", "name", "mode")
 WANDB_MODES = ("", "online", "offline", "disabled")
 
@@ -101,6 +103,31 @@ def check_storage(path: str, key: str, base: str | os.PathLike | None = None) ->
     return resolve_path(path, base)
 
 
+def _checkpoint_experts(directory: pathlib.Path) -> int:
+    """num_experts of a Hugging Face checkpoint's config.json (0 for a dense model or no readable config)."""
+    try:
+        hf = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0  # the loader reports a missing / broken config.json with its own message
+    return int(hf.get("num_experts", hf.get("num_local_experts")) or 0) if isinstance(hf, dict) else 0
+
+
+def _check_engine(sampling: SamplingSettings, max_prompt: int, shards: int) -> None:
+    """The engine's slots and pages must hold one sequence of the longest prompt + max_new_tokens."""
+    e, r = sampling.engine, sampling.max_new_tokens
+    _require(e.slots == 0 or e.slots >= shards, "rollout.engine.slots",
+             f"{e.slots} slots for {shards} data-parallel shards: every shard needs at least one slot "
+             f"(0 = one slot per prompt)")
+    longest = bucket_length(max_prompt, sampling.prompt_bucket_min, sampling.prompt_bucket_steps) if max_prompt else 0
+    _require(not e.max_seq_len or not max_prompt or e.max_seq_len >= max_prompt + r, "rollout.engine.max_seq_len",
+             f"{e.max_seq_len} cannot hold a prompt of data.max_prompt_length={max_prompt} + max_new_tokens={r}")
+    if e.num_pages and e.schedule == "continuous":
+        need = math.ceil((e.max_seq_len or longest + r) / e.page_size)
+        _require(e.num_pages // shards >= need, "rollout.engine.num_pages",
+                 f"{e.num_pages} pages over {shards} data-parallel shard(s) = {e.num_pages // shards} per shard of "
+                 f"{e.page_size} tokens; one sequence of up to {e.max_seq_len or longest + r} tokens needs {need}")
+
+
 def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1,
              check_paths: bool = True) -> RunSettings:
     """Check the whole config; return each stage's frozen settings. Raises ConfigError naming the key.
@@ -118,8 +145,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
 
     model = _section(config, "model")
     _require(model.get("source") in ("tiny", "hf"), "model.source", f"{model.get('source')!r} is not one of 'tiny', 'hf'")
-    _require(model.get("architecture", "") not in MOE_ARCHITECTURES, "model.architecture",
-             f"{model.get('architecture')} is a mixture-of-experts model; MoE is not supported yet (dense Qwen2/2.5/3 only)")
+    num_experts, experts_key = int((model.get("tiny") or {}).get("num_experts", 0) or 0), "model.tiny.num_experts"
     if model["source"] == "hf":
         _require(not storage.is_url(model.get("checkpoint_dir") or ""), "model.checkpoint_dir",
                  f"must be a local directory (copy the checkpoint to the host first), got {model.get('checkpoint_dir')!r}")
@@ -127,6 +153,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
         directory = resolve_path(model.get("checkpoint_dir") or "")
         _require(bool(model.get("checkpoint_dir")) and directory.is_dir(), "model.checkpoint_dir",
                  f"a Hugging Face checkpoint directory is required with model.source='hf'; got {model.get('checkpoint_dir')!r}")
+        num_experts, experts_key = _checkpoint_experts(directory), "model.checkpoint_dir"
+    elif model["source"] == "hf" and model.get("preset") in presets.PRESETS:  # the planner, without the weights
+        num_experts, experts_key = int(presets.PRESETS[model["preset"]].get("num_experts", 0)), "model.preset"
+
+    if "warm_start" in config:  # SFT on demonstrations before RL (trainer/warm_start.py); path "" = off
+        warm = _build(WarmStartSettings, _section(config, "warm_start"), "warm_start")
+        _require(not warm.path or not check_paths or resolve_path(warm.path).is_file(), "warm_start.path",
+                 f"file not found: {resolve_path(warm.path) if warm.path else ''}")
 
     optim = _section(config, "optim")
     _require(float(optim.get("learning_rate", 0)) > 0, "optim.learning_rate", f"must be > 0, got {optim.get('learning_rate')}")
@@ -143,6 +177,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
              f"must be >= 2 with the step rule {scaffold_settings.rule!r} (a group of one sample gets ratio 1 and "
              f"no group advantage), got {generations}")
     val = rollout.pop("validation", {}) or {}
+    rollout["engine"] = _build(EngineSettings, dict(rollout.pop("engine", {}) or {}), "rollout.engine")
     sampling = _build(SamplingSettings, rollout, "rollout")
     val_sampling = _build(SamplingSettings, {**rollout, **dict(val)}, "rollout.validation")
 
@@ -165,19 +200,30 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     fits = num_devices % fixed == 0 if -1 in sizes.values() else fixed == num_devices
     _require(fits, "mesh", f"{sizes} does not fit {num_devices} devices")
     sizes = {a: (num_devices // fixed if s == -1 else s) for a, s in sizes.items()}
-    data_parallel = sizes["data"] * sizes["fsdp"]
+    try:
+        check_expert_axis(num_experts, sizes["expert"])
+    except ValueError as err:
+        raise ConfigError(f"config.mesh.expert: {err} ({experts_key})") from None
+    batch_rule = dict((name, axes) for name, axes in config.get("sharding_rules", ())).get("batch", ("data", "fsdp"))
+    batch_axes = [] if batch_rule is None else [batch_rule] if isinstance(batch_rule, str) else list(batch_rule)
+    data_parallel = math.prod(sizes.get(a, 1) for a in batch_axes)
     _require(batch % process_count == 0, "data.batch_size",
              f"{batch} prompts (the global batch of all processes) do not split over {process_count} processes")
     rows = batch * generations
     _require(rows % data_parallel == 0, "data.batch_size",
              f"{batch} prompts x {generations} generations = {rows} rows (the global batch), "
-             f"which do not divide across the {data_parallel} data-parallel devices (mesh data x fsdp)")
+             f"which do not divide across the {data_parallel} data-parallel devices (mesh {' x '.join(batch_axes)}, "
+             "the axes of the 'batch' sharding rule)")
+
+    _check_engine(sampling, int(data.get("max_prompt_length", 0)), data_parallel)
 
     grpo = _section(config, "grpo")
     grpo.setdefault("temperature", sampling.temperature)
     _require(float(grpo["temperature"]) == float(sampling.temperature), "grpo.temperature",
              f"must equal rollout.temperature={sampling.temperature} (log-probs are taken at the sampling temperature)")
     grpo_settings = _build(GRPOSettings, grpo, "grpo")
+    _require(not grpo_settings.routing_replay or num_experts > 0, "grpo.routing_replay",
+             f"needs a mixture-of-experts model ({experts_key} has no experts)")
     try:
         grpo_settings.check_batch_size(rows)
     except ValueError as err:
@@ -188,7 +234,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
                        ("logprob_micro_batch_size", grpo_settings.logprob_rows)):
         _require(value % data_parallel == 0, f"grpo.{key}",
                  f"{value} rows (counted over all processes) do not divide across the {data_parallel} "
-                 f"data-parallel devices (mesh data x fsdp)")
+                 f"data-parallel devices (mesh {' x '.join(batch_axes)})")
 
     judge = _section(config, "judge")
     judge_settings = _build(JudgeSettings, judge, "judge")

@@ -52,7 +52,8 @@ from ruscarl_jax.trainer import distributed, snapshot
 from ruscarl_jax.trainer.checkpoint import Checkpointer
 from ruscarl_jax.trainer.metrics import RunWriter, truncate_metrics
 from ruscarl_jax.trainer.preemption import StopSignal
-from ruscarl_jax.trainer.rollout import Rollout, across_processes, assemble, collect, rollout_from_saved, row_seed, sample_arrays
+from ruscarl_jax.trainer.rollout import (Rollout, across_processes, assemble, collect, log_kv_budget, rollout_from_saved,
+                                         row_seed, sample_arrays)
 from ruscarl_jax.trainer.setup import filter_long_prompts, load_data, load_policy, mesh_from_config, rules_from_config, stop_token_ids
 
 logger = logging.getLogger("ruscarl_jax.trainer")
@@ -175,6 +176,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     sampling = dataclasses.replace(settings.sampling, stop_token_ids=stops, pad_token_id=pad)
     val_sampling = dataclasses.replace(settings.val_sampling, stop_token_ids=stops, pad_token_id=pad)
+    log_kv_budget(cfg, sampling, int(config.data.batch_size) * generations, int(config.data.max_prompt_length), mesh, rules)
     train_examples = filter_long_prompts(train_examples, config, settings.scaffold, tokenizer, generations)
     rate_tags = met_rate_tags(train_examples, settings.judge.met_rate_tag_prefixes)  # the same list on every process
 
@@ -222,6 +224,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         return collect(step, prompts, params, cfg, tokenizer, sampling, fold_step_key(base_key, step), mesh, rules, data.get_state())
 
     last: dict[str, Any] = {}
+    initial = {}  # the held-out score before training, logged with step 1 (the run summary's "before")
+    if val_examples and config.trainer.test_freq and start == 0:
+        initial = {"val/score_initial": validate_policy(params, cfg, tokenizer, val_examples, judge, val_sampling, 0,
+                                                        int(config.seed), mesh, rules)["val/score"]}
     try:
         pending = next_rollout(start + 1, saved_pending) if start < total else None
         for step in range(start + 1, total + 1):
@@ -260,6 +266,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             if val_examples and config.trainer.test_freq and (step % int(config.trainer.test_freq) == 0 or step == total):
                 metrics.update(validate_policy(params, cfg, tokenizer, val_examples, judge, val_sampling, step,
                                                int(config.seed), mesh, rules))
+            if step == 1:
+                metrics.update(initial)
             writer.write_metrics(step, metrics)
             if config.trainer.save_rollouts:
                 writer.write_rollouts(step, _records(rollout, grades))

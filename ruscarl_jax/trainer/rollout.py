@@ -3,11 +3,20 @@
 `collect` samples this process's B x G responses from the scaffolded prompts; `assemble` joins them
 with the judge's grades into the rows the update trains on: the TRAINING prompt (unscaffolded by
 default) left-padded to a width every process agrees on, followed by the sampled response.
+
+Mixture-of-experts policies: `collect` also records the rollout's routing (`rollout_routing`), the
+experts each response-scoring position was sent to, from a teacher-forced forward of the same
+parameters over the sampler's own rows (scaffolded prompt + sampled response). It is taken this way,
+not from inside the sampler's decode loop, so the sampler stays a pure token generator; in float32
+the teacher-forced router sees the same inputs as the decode step (up to rounding of the KV-cache
+path). The update uses it for routing replay and the routing_mismatch metric.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import logging
 import time
 from typing import Any
 
@@ -18,10 +27,14 @@ from jax.sharding import Mesh
 
 from ruscarl_jax.data.types import Example
 from ruscarl_jax.models import qwen
-from ruscarl_jax.models.sharding import Rules
+from ruscarl_jax.models.sharding import Rules, data_parallel_size, global_to_host, host_to_global
+from ruscarl_jax.sampler import engine
 from ruscarl_jax.sampler.generate import SampleOutput, generate
 from ruscarl_jax.sampler.settings import SamplingSettings, bucket_length
 from ruscarl_jax.scaffold.prompts import PromptBatch
+from ruscarl_jax.trainer.config import ConfigError
+
+logger = logging.getLogger("ruscarl_jax.trainer")
 
 
 @dataclasses.dataclass
@@ -32,6 +45,7 @@ class Rollout:
     responses: list[str]
     seconds: float
     data_state: dict[str, Any]  # the data iterator's position after this step's batch
+    experts: np.ndarray | None = None  # MoE: [N, L, R, K] rollout routing of the response positions
 
     @property
     def judge_items(self) -> list[tuple[Example, str]]:
@@ -47,7 +61,50 @@ def collect(step: int, prompts: PromptBatch, params: qwen.Params, cfg: qwen.Qwen
                        row_seeds=seeds)
     responses = tokenizer.batch_decode([row[: n] for row, n in zip(samples.tokens, samples.lengths)],
                                        skip_special_tokens=True)
-    return Rollout(step, prompts, samples, responses, time.perf_counter() - start, data_state)
+    experts = rollout_routing(params, cfg, samples, mesh, rules) if cfg.is_moe else None
+    return Rollout(step, prompts, samples, responses, time.perf_counter() - start, data_state, experts)
+
+
+@functools.lru_cache(maxsize=8)
+def _routing_fn(cfg: qwen.QwenConfig, mesh: Mesh, rules: Rules, prompt_len: int, resp_len: int) -> Any:
+    def experts(params, tokens, mask):
+        routing = qwen.forward_routed(params, cfg, tokens, mask, mesh=mesh, rules=rules)[1]
+        return routing["experts"][:, :, prompt_len - 1: prompt_len + resp_len - 1]
+    return jax.jit(experts)
+
+
+def rollout_routing(params: qwen.Params, cfg: qwen.QwenConfig, samples: SampleOutput, mesh: Mesh, rules: Rules,
+                    max_rows: int = 64) -> np.ndarray:
+    """This process's rollout routing [N, L, R, K]: the experts of the states at P-1 .. P+R-2 (the ones
+    that score response tokens 0 .. R-1), in passes of at most max_rows rows."""
+    tokens = np.concatenate([samples.prompt_tokens, samples.tokens], axis=1).astype(np.int32)
+    mask = np.concatenate([samples.prompt_mask, samples.response_mask], axis=1).astype(np.int32)
+    n = tokens.shape[0]
+    local_dp = max(1, data_parallel_size(mesh, rules) // jax.process_count())
+    rows = next((c for c in range(min(max_rows, n), 0, -1) if n % c == 0 and c % local_dp == 0), n)
+    fn = _routing_fn(cfg, mesh, rules, samples.prompt_tokens.shape[1], samples.tokens.shape[1])
+    parts = []
+    for lo in range(0, n, rows):
+        batch = host_to_global({"tokens": tokens[lo:lo + rows], "mask": mask[lo:lo + rows]}, mesh, rules)
+        parts.append(global_to_host(fn(params, batch["tokens"], batch["mask"]), mesh, rules))
+    return np.concatenate(parts).astype(np.int32)
+
+
+def log_kv_budget(cfg: qwen.QwenConfig, settings: SamplingSettings, rows: int, max_prompt: int, mesh: Mesh,
+                  rules: Rules) -> int:
+    """Plan the rollout engine for `rows` prompts per process of up to `max_prompt` tokens, log its KV
+    cache bytes per device and return them. A page budget too small for one sequence fails here, before
+    anything compiles, naming its config key."""
+    longest = bucket_length(max_prompt, settings.prompt_bucket_min, settings.prompt_bucket_steps)
+    try:
+        layout = engine.plan(cfg, settings, rows=rows, longest_prompt=longest, mesh=mesh, rules=rules)
+    except ValueError as err:
+        raise ConfigError(f"config.{err}") from None
+    total, per_device = engine.kv_cache_bytes(cfg, layout, mesh, rules)
+    logger.info("rollout engine: %d slots per process, %d pages of %d tokens per data-parallel shard (%s); "
+                "KV cache %.3f GB per device, %.3f GB in all", layout.slots, layout.pages_per_group, layout.page_size,
+                settings.engine.schedule, per_device / 1e9, total / 1e9)
+    return per_device
 
 
 def row_seed(example_id: str, sample_index: int) -> int:
@@ -126,4 +183,5 @@ def assemble(rollout: Rollout, rewards: np.ndarray, row_valid: np.ndarray, group
         "rollout_logprobs": np.where(response_mask > 0, rollout.samples.logprobs, 0.0).astype(np.float32),
         "scaffolded": np.asarray([r.ratio > 0 for r in records], np.float32),
         "truncated": (np.asarray(rollout.samples.finish_reason) == "length").astype(np.float32),
+        **({} if rollout.experts is None else {"rollout_experts": rollout.experts}),
     }

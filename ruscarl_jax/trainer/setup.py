@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from typing import Any
 
@@ -17,7 +18,8 @@ from ruscarl_jax.models import hf_io, qwen
 from ruscarl_jax.models.sharding import Rules, make_mesh
 from ruscarl_jax.scaffold.prompts import build_prompts
 from ruscarl_jax.scaffold.settings import ScaffoldSettings
-from ruscarl_jax.trainer.config import MOE_ARCHITECTURES, ConfigError, resolve_path
+from ruscarl_jax.trainer.config import ConfigError, resolve_path
+from ruscarl_jax.trainer.warm_start import WarmStartSettings, build_and_save, cache_directory
 
 logger = logging.getLogger("ruscarl_jax.trainer")
 
@@ -49,30 +51,50 @@ def _tiny_corpus(examples: list[Example], scaffold: ScaffoldSettings) -> list[st
     return texts
 
 
+def warm_start_settings(config: ml_collections.ConfigDict) -> WarmStartSettings:
+    """config.warm_start as settings (path '' or no section: no warm start)."""
+    section = config.get("warm_start")
+    return WarmStartSettings(**(section.to_dict() if section is not None else {}))
+
+
 def load_policy(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, examples: list[Example],
                 scaffold: ScaffoldSettings | None, tokenizer: Any = None) -> tuple[qwen.QwenConfig, qwen.Params, Any]:
-    """(model config, sharded params, tokenizer) from config.model. A given `tokenizer` (the run's
-    snapshot) is used instead of building the tiny one (from `examples` and `scaffold`, which are then
-    unused) or loading the checkpoint's."""
+    """(model config, sharded params, tokenizer) from config.model, warm-started by SFT on
+    config.warm_start.path's demonstrations when that is set (built once, then loaded from its cache).
+    A given `tokenizer` (the run's snapshot) is used instead of building the tiny one (from `examples`
+    and `scaffold`, which are then unused) or loading the checkpoint's."""
+    warm = warm_start_settings(config)
+    if not warm.path:
+        return _load_model(config, mesh, rules, examples, scaffold, int(config.seed), tokenizer)
+    corpus = _tiny_corpus(examples, scaffold) if config.model.source == "tiny" else []
+    directory = cache_directory(config, warm, [hashlib.sha256("\n".join(corpus).encode()).hexdigest()])
+    if not (directory / "config.json").exists():
+        cfg, params, tokenizer = _load_model(config, mesh, rules, examples, scaffold, warm.seed)
+        build_and_save(directory, params, cfg, tokenizer, warm, mesh, rules)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("warm start saved")
+    m = config.model
+    cfg, params = hf_io.load_checkpoint(directory, mesh, rules, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    logger.info("warm start loaded from %s", directory)
+    return cfg, params, tokenizer or hf_io.load_tokenizer(directory)
+
+
+def _load_model(config: ml_collections.ConfigDict, mesh: Mesh, rules: Rules, examples: list[Example],
+                scaffold: ScaffoldSettings | None, seed: int, tokenizer: Any = None) -> tuple[qwen.QwenConfig, qwen.Params, Any]:
     m = config.model
     if m.source == "tiny":
         tiny = dict(m.tiny)
         vocab = int(tiny.pop("vocab_size"))
         tokenizer = tokenizer or build_tiny_tokenizer(_tiny_corpus(examples, scaffold), vocab_size=vocab)
         cfg = qwen.QwenConfig(vocab_size=len(tokenizer), dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, **tiny)
-        params = qwen.init_params_sharded(cfg, jax.random.key(config.seed), mesh, rules)
+        params = qwen.init_params_sharded(cfg, jax.random.key(seed), mesh, rules)
         return cfg, params, tokenizer
     if m.source == "hf":
         if not m.checkpoint_dir:
             raise ConfigError("config.model.checkpoint_dir: required when config.model.source='hf'")
         directory = resolve_path(m.checkpoint_dir)
-        try:
-            cfg, params = hf_io.load_checkpoint(directory, mesh, rules, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
-        except hf_io.CheckpointError as err:
-            if any(a in str(err) for a in MOE_ARCHITECTURES):
-                raise ConfigError(f"config.model.checkpoint_dir: {directory} is a Qwen3 MoE checkpoint; mixture-of-experts "
-                                  "models are not supported yet (dense Qwen2/2.5/3 only)") from None
-            raise
+        cfg, params = hf_io.load_checkpoint(directory, mesh, rules, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
         return cfg, params, tokenizer or hf_io.load_tokenizer(directory, trust_remote_code=bool(m.trust_remote_code))
     raise ConfigError(f"config.model.source: {m.source!r} is not one of 'tiny', 'hf'")
 

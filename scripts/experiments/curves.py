@@ -22,6 +22,7 @@ METRIC_KEYS: dict[str, str] = {
     "train_reward_unscaffolded": "reward_unscaffolded_mean",
     "train_reward_scaffolded": "reward_scaffolded_mean",
     "reveal_ratio": "reveal_ratio_mean",
+    "kl": "kl",
 }
 COLUMNS: tuple[str, ...] = ("arm", "seed", "step", *METRIC_KEYS)
 

@@ -1,0 +1,121 @@
+"""Attention of the decoder layer: dense (training forward, prefill) and over a paged KV cache (decode).
+
+The layer (``qwen.Block``) computes q / k / v once and hands them here; what it attends to depends on
+the context it is given:
+
+* dense: the chunk's own keys, causal and key-masked, through ``jax.nn.dot_product_attention``
+  (implementation "xla"; "cudnn" flash attention on a GPU where it applies, with "auto").
+* prefill: as dense, and the keys / values are also written into the paged cache.
+* decode: one new token per slot is written into the paged cache, then the slot attends to its
+  pages: a pure-JAX gather + the same dense attention (runs everywhere), or the Pallas
+  paged-attention kernel where the backend has one (TPU; GPU).
+
+Paged cache layout, per key and value: ``[L, G, KVH, pages_per_group, page_size, D]``. G page groups
+(one per data-parallel shard: a slot only uses pages of its own group, so reads and writes stay on
+its device); KV heads shard over the tensor axis (logical axes ``PAGED_CACHE_AXES``). A slot's page
+table lists its pages in sequence order; token j of a sequence lives at page ``table[j // page_size]``,
+offset ``j % page_size``. Writes to page index ``pages_per_group`` (out of bounds) are dropped: that is
+how padding and idle slots write nothing.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PAGED_CACHE_AXES = ("layers", "batch", "kv_heads", None, None, "head_dim")
+DENSE_IMPLS = ("auto", "xla", "cudnn")
+PAGED_IMPLS = ("auto", "jax", "pallas")
+
+Context = dict[str, Any]
+
+
+def dense(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "auto") -> jax.Array:
+    """q [B, T, H, D], k / v [B, S, KVH, D], boolean mask [B, T, S] (True = may attend) -> [B, T, H, D].
+
+    Grouped-query attention with a float32 softmax. "auto" takes cuDNN flash attention on a GPU for
+    16-bit inputs and falls back to XLA where cuDNN does not apply."""
+    if impl in ("auto", "cudnn") and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):
+            if impl == "cudnn":
+                raise
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+
+
+def _groups(pool: jax.Array, batch: int) -> jax.Array:
+    """The page group of each of `batch` slots, [batch, 1]: slot b belongs to group b // (batch / G)."""
+    return (jnp.arange(batch) // (batch // pool.shape[1]))[:, None]
+
+
+def write_pages(pool: jax.Array, layer: jax.Array, new: jax.Array, pages: jax.Array, offsets: jax.Array) -> jax.Array:
+    """Write new [B, T, KVH, D] at (pages, offsets) [B, T] of layer `layer`, in place (one scatter)."""
+    return pool.at[layer, _groups(pool, pages.shape[0]), :, pages, offsets].set(new.astype(pool.dtype), mode="drop")
+
+
+def _gather_pages(pool: jax.Array, layer: jax.Array, table: jax.Array) -> jax.Array:
+    """The keys (or values) of each slot's pages: [B, W * page_size, KVH, D] from a table [B, W] (one gather)."""
+    b, w = table.shape
+    got = pool[layer, _groups(pool, b), :, table]  # [B, W, KVH, PS, D]
+    return jnp.swapaxes(got, 2, 3).reshape(b, w * got.shape[3], got.shape[2], got.shape[4])
+
+
+def _pallas_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array, table: jax.Array,
+                  lengths: jax.Array, backend: str | None = None, interpret: bool = False) -> jax.Array | None:
+    """The backend's Pallas paged-attention kernel, q [B, H, D] -> [B, H, D], or None where there is none
+    (CPU; several page groups). The kernels take unscaled logits, so q is scaled here. `interpret` runs the
+    GPU kernel in the Pallas interpreter (tests on CPU)."""
+    if k_pool.shape[1] != 1:
+        return None
+    backend = backend or jax.default_backend()
+    k_pages, v_pages = k_pool[layer, 0], v_pool[layer, 0]  # [KVH, NP, PS, D]
+    q = q * q.shape[-1] ** -0.5
+    w = table.shape[1]
+    if backend == "tpu":
+        from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+
+        block = max(d for d in (8, 4, 2, 1) if w % d == 0)
+        return paged_attention(q, k_pages, v_pages, lengths, table, pages_per_compute_block=block)
+    if backend == "gpu":
+        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+
+        splits = max(d for d in (16, 8, 4, 2, 1) if w % d == 0)
+        block = max(d for d in (8, 4, 2, 1) if (w // splits) % d == 0)
+        return paged_attention(q, k_pages, v_pages, table, lengths, pages_per_compute_block=block, k_splits=splits,
+                               interpret=interpret)
+    return None
+
+
+def paged_decode(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array, table: jax.Array,
+                 lengths: jax.Array, impl: str = "auto", dense_impl: str = "auto") -> jax.Array:
+    """One query per slot, q [B, 1, H, D], over the first lengths[b] tokens of its pages -> [B, 1, H, D]."""
+    if impl in ("auto", "pallas"):
+        out = _pallas_paged(q[:, 0], k_pool, v_pool, layer, table, lengths)
+        if out is not None:
+            return out[:, None].astype(q.dtype)
+        if impl == "pallas" and jax.default_backend() != "cpu":
+            raise ValueError("rollout.engine.attention='pallas': no Pallas paged-attention kernel for this backend / layout")
+    keys = _gather_pages(k_pool, layer, table).astype(q.dtype)
+    values = _gather_pages(v_pool, layer, table).astype(q.dtype)
+    mask = (jnp.arange(keys.shape[1])[None, :] < lengths[:, None])[:, None, :]
+    return dense(q, keys, values, mask, dense_impl)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context, kv: dict | None, dense_impl: str = "auto",
+           paged_impl: str = "auto") -> tuple[jax.Array, dict | None]:
+    """The layer's attention for its context (see the module docstring); returns (out, updated cache)."""
+    if kv is not None:  # prefill or decode: store this chunk's keys and values first
+        layer = kv["layer"]
+        kv = dict(kv, k=write_pages(kv["k"], layer, k, ctx["write_page"], ctx["write_offset"]),
+                  v=write_pages(kv["v"], layer, v, ctx["write_page"], ctx["write_offset"]))
+    if "page_table" in ctx:
+        out = paged_decode(q, kv["k"], kv["v"], kv["layer"], ctx["page_table"], ctx["lengths"], paged_impl, dense_impl)
+    else:
+        t = q.shape[1]
+        mask = ctx["kv_mask"][:, None, :].astype(bool) & (jnp.arange(t)[None, :, None] >= jnp.arange(t)[None, None, :])
+        out = dense(q, k, v, mask, dense_impl)
+    if kv is not None:
+        kv = dict(kv, layer=kv["layer"] + 1)
+    return out, kv
