@@ -143,7 +143,6 @@ class Plan:
     programs: tuple[ProgramMemory, ...]
     analytic_terms: dict[str, int]  # named per-device bytes of the analytic estimate
     advice: tuple[str, ...]  # keys to change when it does not fit
-    notes: tuple[str, ...] = ()  # what wastes memory or compute whether or not it fits
 
     @property
     def peak(self) -> ProgramMemory:
@@ -158,7 +157,7 @@ class Plan:
         return {"slice": dataclasses.asdict(self.slice), "fits": self.fits, "peak_bytes": self.peak.peak,
                 "peak_program": self.peak.name, "verdict": self.verdict(),
                 "programs": [{**dataclasses.asdict(p), "peak": p.peak} for p in self.programs],
-                "analytic_terms": dict(self.analytic_terms), "advice": list(self.advice), "notes": list(self.notes)}
+                "analytic_terms": dict(self.analytic_terms), "advice": list(self.advice)}
 
     def verdict(self) -> str:
         return (f"fits: {'yes' if self.fits else 'no'} (peak {self.peak.peak / GiB:.1f} GiB of "
@@ -178,8 +177,6 @@ class Plan:
                          f" {gib(p.resident)} {gib(p.peak)} {gib(p.analytic)}{flag}")
         lines += ["", "analytic terms (per device):"]
         lines += [f"  {name:<28}{gib(value)} {unit}" for name, value in self.analytic_terms.items()]
-        if self.notes:
-            lines += ["", "notes:"] + [f"  - {n}" for n in self.notes]
         if self.advice:
             lines += ["", "to fit:"] + [f"  - {a}" for a in self.advice]
         lines += ["", self.verdict()]
@@ -210,15 +207,6 @@ def advice(terms: dict[str, int], peak_program: str, budget: int, peak: int, con
                        f"grpo.logprob_chunk_size (now {config.grpo.logprob_chunk_size})")
     out.append(f"(the peak is in '{peak_program}': {peak / GiB:.1f} GiB needed, {budget / GiB:.1f} GiB available)")
     return tuple(out)
-
-
-def batch_notes(config: Any, data_parallel: int) -> tuple[str, ...]:
-    """Batch sizes the data-parallel axes cannot split: every device then computes every row of them."""
-    g = config.grpo
-    sizes = {"grpo.ppo_micro_batch_size": g.ppo_micro_batch_size,
-             "grpo.logprob_micro_batch_size": g.get("logprob_micro_batch_size") or g.ppo_micro_batch_size}
-    return tuple(f"{key}={rows} rows do not split over the {data_parallel} data-parallel devices: each device computes "
-                 f"all {rows}; use a multiple of {data_parallel}" for key, rows in sizes.items() if rows % data_parallel)
 
 
 def rows_per_device(rows: int, data_parallel: int) -> int:
