@@ -184,27 +184,26 @@ class Plan:
 
 
 def advice(terms: dict[str, int], peak_program: str, budget: int, peak: int, config: Any) -> tuple[str, ...]:
-    """The one or two config keys most likely to bring `peak` under `budget`, from what dominates."""
+    """The keys most likely to bring `peak` under `budget`: first what drives the program that peaks,
+    then the resident state when that is more than a quarter of the budget."""
     if peak <= budget:
         return ()
+    g, engine = config.grpo, config.rollout.get("engine", {})
+    remat = "" if config.model.get("remat", "none") == "full" else "model.remat='full' and "
+    by_program = {
+        "rollout prefill": f"rollout.engine.slots (now {engine.get('slots', 0)}, 0 = one per prompt): fewer prompts "
+                           "prefilled together (their attention over the prompt is materialised)",
+        "rollout decode": "rollout.engine.memory_gb / num_pages (fewer KV pages) or rollout.engine.cache_dtype='bfloat16'",
+        "log-probs": f"grpo.logprob_micro_batch_size (now {g.get('logprob_micro_batch_size') or g.ppo_micro_batch_size}) "
+                     f"or grpo.logprob_chunk_size (now {g.logprob_chunk_size})",
+        "GRPO update": f"{remat}a smaller grpo.ppo_micro_batch_size (now {g.ppo_micro_batch_size}; a multiple of the "
+                       f"data-parallel size) or grpo.logprob_chunk_size (now {g.logprob_chunk_size})",
+    }
+    out = [by_program[peak_program]] if peak_program in by_program else []
     state = sum(terms.get(k, 0) for k in ("params", "optimizer state", "reference policy", "gradients"))
-    kv = terms.get("rollout KV cache", 0)
-    acts = terms.get("update activations", 0) + terms.get("logits chunk", 0)
-    fsdp = config.mesh.get("fsdp", 1)
-    out = []
-    ranked = sorted([("state", state), ("kv", kv), ("acts", acts)], key=lambda kv_: -kv_[1])
-    for what, _ in ranked[:2]:
-        if what == "state":
-            out.append(f"mesh.fsdp (now {fsdp}): shard parameters and optimizer state over more devices (a larger "
-                       "slice), or grpo.ref_in_host_memory=True to keep the reference policy off the device")
-        elif what == "kv":
-            out.append("rollout: fewer concurrent sequences (rollout.engine.num_slots / num_pages, or a smaller "
-                       "data.batch_size x rollout.num_generations) or rollout.engine.cache_dtype='bfloat16'")
-        else:
-            remat = config.model.get("remat", "none")
-            first = "model.remat='full' and " if remat != "full" else ""
-            out.append(f"{first}a smaller grpo.ppo_micro_batch_size (now {config.grpo.ppo_micro_batch_size}) or "
-                       f"grpo.logprob_chunk_size (now {config.grpo.logprob_chunk_size})")
+    if state > budget / 4:
+        out.append(f"mesh.fsdp (now {config.mesh.get('fsdp', 1)}): shard parameters and optimizer state over more "
+                   "devices (a larger slice), or grpo.ref_in_host_memory=True to keep the reference policy off the device")
     out.append(f"(the peak is in '{peak_program}': {peak / GiB:.1f} GiB needed, {budget / GiB:.1f} GiB available)")
     return tuple(out)
 
