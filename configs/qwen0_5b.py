@@ -12,6 +12,7 @@ def get_config():
     c = qwen7b.get_config()
     c.workdir = "runs/qwen0_5b"
     c.model.checkpoint_dir = os.environ.get("QWEN0_5B_DIR", "")
+    c.model.preset = "Qwen2.5-0.5B-Instruct"  # the architecture, for scripts/plan.py without the weights
     c.model.remat = "dots"
     c.data.update(dict(batch_size=16, max_prompt_length=2048))
     c.rollout.update(dict(max_new_tokens=1024))

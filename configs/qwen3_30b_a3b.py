@@ -22,7 +22,10 @@ def get_config():
     c = qwen7b.get_config()
     c.workdir = "runs/qwen3_30b_a3b"
     c.model.checkpoint_dir = os.environ.get("QWEN3_30B_A3B_DIR", "")
+    c.model.preset = "Qwen3-30B-A3B-Instruct-2507"  # the architecture, for scripts/plan.py without the weights
     c.mesh.update(dict(data=1, fsdp=-1, expert=8, tensor=1))
     c.sharding_rules = rows_over_expert(c.sharding_rules)
-    c.grpo.update(dict(router_aux_loss_coef=0.0, routing_replay=False))
+    # micro-batches are a multiple of the data-parallel size (data x fsdp x expert): one row per chip on a
+    # 64-chip slice (v5p-128); docs/memory_plan.md has the plan and the overrides for a 16-GPU job
+    c.grpo.update(dict(router_aux_loss_coef=0.0, routing_replay=False, ppo_micro_batch_size=64))
     return c

@@ -24,6 +24,7 @@ def get_config():
     c.workdir = "runs/qwen7b"
     c.model.source = "hf"
     c.model.checkpoint_dir = os.environ.get("QWEN7B_DIR", "")
+    c.model.preset = "Qwen2.5-7B-Instruct"  # the architecture, for scripts/plan.py without the weights
     c.model.dtype = "bfloat16"
     c.model.param_dtype = "float32"  # float32 master weights, bfloat16 compute
     c.model.remat = "full"

@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         source="tiny",  # tiny: random init + a tokenizer trained on the task | hf: a checkpoint directory
         checkpoint_dir="", trust_remote_code=False,
+        preset="",  # with source=hf and no checkpoint at hand: a models/presets.py name (the memory planner uses it)
         dtype="float32", param_dtype="float32", remat="none",
         tiny=dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                   rope_theta=10000.0, tie_word_embeddings=True, vocab_size=1024,
@@ -83,6 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.trainer = ml_collections.ConfigDict(dict(
         total_steps=100, checkpoint_every=50, keep_checkpoints=2, test_freq=10, overlap_judge=False,
         save_rollouts=True, tensorboard=True,
+        plan_only=False,  # True: print the memory plan of a step on this job's devices (scripts/plan.py) and exit
         # Weights & Biases beside TensorBoard and metrics.jsonl (pip install 'ruscarl_jax[wandb]'); mode ''
         # follows WANDB_MODE, 'offline' writes workdir/wandb only (upload later with `wandb sync`)
         wandb=dict(enabled=False, project="ruscarl_jax", entity="", name="", mode=""),

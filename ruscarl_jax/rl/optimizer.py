@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 SCHEDULES: tuple[str, ...] = ("constant", "warmup_cosine")
 
@@ -76,6 +77,26 @@ def make_optimizer(s: OptimizerSettings) -> optax.GradientTransformation:
     if not s.max_grad_norm:
         return optax.chain(optax.identity(), adamw)
     return optax.chain(optax.clip_by_global_norm(s.max_grad_norm), adamw)
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, params: Any) -> Any:
+    """Shardings of the optimizer state: each parameter-shaped leaf (Adam's mu, nu) like its parameter,
+    the rest (counts, hyperparameters) replicated. `params` may be arrays or ShapeDtypeStructs with shardings.
+
+    Without them ``jit(optimizer.init)`` leaves the state wherever XLA puts zeros: on one device, and so
+    replicated on every device once placed on the mesh (two float32 copies of the model per device)."""
+    shardings = jax.tree.map(lambda p: p.sharding, params)
+    meshes = {s.mesh for s in jax.tree.leaves(shardings) if isinstance(s, NamedSharding)}
+    if len(meshes) != 1:
+        raise ValueError(f"opt_state_shardings: the parameters must all be NamedSharding-ed on one mesh, got {len(meshes)} meshes")
+    replicated = NamedSharding(meshes.pop(), PartitionSpec())
+    return optax.tree_map_params(optimizer, lambda _, sharding: sharding, jax.eval_shape(optimizer.init, params),
+                                 shardings, transform_non_params=lambda _: replicated)
+
+
+def init_opt_state(optimizer: optax.GradientTransformation, params: Any) -> Any:
+    """optimizer.init(params), created directly in the shardings of `opt_state_shardings`."""
+    return jax.jit(optimizer.init, out_shardings=opt_state_shardings(optimizer, params))(params)
 
 
 def last_learning_rate(opt_state: Any) -> jax.Array:

@@ -16,6 +16,7 @@ import ml_collections
 from etils import epath
 
 from ruscarl_jax.judge.settings import JudgeSettings
+from ruscarl_jax.models import presets
 from ruscarl_jax.models.sharding import MESH_AXES, check_expert_axis
 from ruscarl_jax.rl.optimizer import OptimizerSettings
 from ruscarl_jax.rl.settings import GRPOSettings
@@ -127,9 +128,10 @@ def _check_engine(sampling: SamplingSettings, max_prompt: int, shards: int) -> N
                  f"{e.page_size} tokens; one sequence of up to {e.max_seq_len or longest + r} tokens needs {need}")
 
 
-
-def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1) -> RunSettings:
-    """Check the whole config; return each stage's frozen settings. Raises ConfigError naming the key."""
+def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1,
+             check_paths: bool = True) -> RunSettings:
+    """Check the whole config; return each stage's frozen settings. Raises ConfigError naming the key.
+    check_paths=False skips the checks that files and directories exist (the memory planner's case)."""
     trainer = _section(config, "trainer")
     _require(int(trainer.get("total_steps", 0)) >= 1, "trainer.total_steps", f"must be >= 1, got {trainer.get('total_steps')}")
     for key in ("checkpoint_every", "test_freq", "keep_checkpoints"):
@@ -147,14 +149,17 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     if model["source"] == "hf":
         _require(not storage.is_url(model.get("checkpoint_dir") or ""), "model.checkpoint_dir",
                  f"must be a local directory (copy the checkpoint to the host first), got {model.get('checkpoint_dir')!r}")
+    if model["source"] == "hf" and check_paths:
         directory = resolve_path(model.get("checkpoint_dir") or "")
         _require(bool(model.get("checkpoint_dir")) and directory.is_dir(), "model.checkpoint_dir",
                  f"a Hugging Face checkpoint directory is required with model.source='hf'; got {model.get('checkpoint_dir')!r}")
         num_experts, experts_key = _checkpoint_experts(directory), "model.checkpoint_dir"
+    elif model["source"] == "hf" and model.get("preset") in presets.PRESETS:  # the planner, without the weights
+        num_experts, experts_key = int(presets.PRESETS[model["preset"]].get("num_experts", 0)), "model.preset"
 
     if "warm_start" in config:  # SFT on demonstrations before RL (trainer/warm_start.py); path "" = off
         warm = _build(WarmStartSettings, _section(config, "warm_start"), "warm_start")
-        _require(not warm.path or resolve_path(warm.path).is_file(), "warm_start.path",
+        _require(not warm.path or not check_paths or resolve_path(warm.path).is_file(), "warm_start.path",
                  f"file not found: {resolve_path(warm.path) if warm.path else ''}")
 
     optim = _section(config, "optim")
@@ -178,10 +183,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
 
     data = _section(config, "data")
     for key in ("train_path", "val_path"):
-        if data.get(key):
+        if data.get(key) and check_paths:
             path = check_storage(data[key], f"data.{key}")
             _require(path.is_file(), f"data.{key}", f"file not found: {path}")
-    _require(bool(data.get("train_path")), "data.train_path", TRAIN_SPLIT_HELP)
+    _require(bool(data.get("train_path")) or not check_paths, "data.train_path", TRAIN_SPLIT_HELP)
     batch = int(data.get("batch_size", 0))
     _require(batch >= 1, "data.batch_size", f"must be >= 1, got {batch}")
 

@@ -41,8 +41,8 @@ from ruscarl_jax.evaluation import scoring
 from ruscarl_jax.judge.judge import Judge
 from ruscarl_jax.judge.telemetry import met_rate_tags, step_telemetry
 from ruscarl_jax.models import qwen
-from ruscarl_jax.models.sharding import global_to_host, host_to_global, replicate_unsharded
-from ruscarl_jax.rl.optimizer import make_optimizer
+from ruscarl_jax.models.sharding import global_to_host, host_to_global
+from ruscarl_jax.rl.optimizer import init_opt_state, make_optimizer
 from ruscarl_jax.rl.policy import qwen_policy
 from ruscarl_jax.rl.train_step import make_grpo_step, make_reference
 from ruscarl_jax.sampler.generate import fold_step_key, generate
@@ -151,6 +151,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     distributed.initialize(d.coordinator_address or None, d.num_processes or None,
                            d.process_id if d.process_id >= 0 else None, cpu_collectives=d.cpu_collectives or None)
     settings = config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
+    if config.trainer.get("plan_only", False):  # compile the step's programs, print their memory, train nothing
+        from ruscarl_jax.trainer.step_memory import local_slice, plan_config
+
+        plan = plan_config(config, local_slice())
+        if jax.process_index() == 0:
+            print(plan.report(), flush=True)
+        return {"fits": plan.fits, "peak_bytes": plan.peak.peak}
     workdir = config_lib.check_storage(os.fspath(workdir), "workdir", base=os.getcwd())
     mesh, rules = mesh_from_config(config), rules_from_config(config)
     generations, total = int(config.rollout.num_generations), int(config.trainer.total_steps)
@@ -177,7 +184,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                                                           num_epochs=config.data.num_epochs, shuffle=bool(config.data.shuffle)))
     optimizer = make_optimizer(settings.optim)
     reference = make_reference(params, settings.grpo)
-    opt_state = replicate_unsharded(jax.jit(optimizer.init)(params), mesh)
+    opt_state = init_opt_state(optimizer, params)
     step_fn = make_grpo_step(qwen_policy(cfg, mesh, rules), settings.grpo, optimizer)
     base_key = jax.random.key(int(config.seed))
 
