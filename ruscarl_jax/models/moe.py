@@ -75,7 +75,10 @@ def _gmm_blocked(x: jax.Array, w: jax.Array, group_sizes: jax.Array, block: int 
     dest = jnp.where(inside, pstart[group] + rows - start[group], num_blocks * block)  # past the end: dropped
     xb = jnp.zeros((num_blocks * block, x.shape[1]), x.dtype).at[dest].set(x, mode="drop")
     block_group = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_blocks) * block, side="right"), g - 1)
-    out = jax.lax.map(lambda args: args[0] @ w[args[1]], (xb.reshape(num_blocks, block, -1), block_group))
+    # rematerialised per block: otherwise autodiff keeps every block's gathered [K, N] weight matrix for the
+    # backward pass (num_blocks copies of the expert weights); the gather is cheap to redo
+    product = jax.checkpoint(lambda xw, gi: xw @ w[gi], policy=jax.checkpoint_policies.nothing_saveable)
+    out = jax.lax.map(lambda args: product(*args), (xb.reshape(num_blocks, block, -1), block_group))
     return jnp.take(out.reshape(num_blocks * block, -1), dest, axis=0, mode="fill", fill_value=0)
 
 
