@@ -173,17 +173,3 @@ def global_to_host(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
 
     specs = jax.tree.map(lambda x: _batch_spec(mesh, x.ndim, rules), tree)
     return jax.tree.map(np.asarray, multihost_utils.global_array_to_host_local_array(tree, mesh, specs))
-
-
-def replicate_unsharded(tree: Any, mesh: Mesh) -> Any:
-    """Place leaves that are not yet laid out on `mesh` (e.g. an optimizer's step count) replicated on it,
-    so a jitted step sees the same input shardings before and after its first call."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def place(x: Any) -> Any:
-        sharding = getattr(x, "sharding", None)
-        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
-            return x
-        return jax.device_put(x, replicated)
-
-    return jax.tree.map(place, tree)

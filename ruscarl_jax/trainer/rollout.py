@@ -122,11 +122,6 @@ def across_processes(values: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(values))
 
 
-def global_max(value: int) -> int:
-    """The largest `value` over all processes."""
-    return int(np.max(across_processes(np.asarray([value], np.int64))))
-
-
 def rollout_from_saved(step: int, prompts: PromptBatch, saved: dict[str, np.ndarray], tokenizer: Any,
               data_state: dict[str, Any]) -> Rollout:
     """The rollout of `prompts` rebuilt from saved samples (`sample_arrays`) instead of sampling again:
@@ -163,7 +158,7 @@ def assemble(rollout: Rollout, rewards: np.ndarray, row_valid: np.ndarray, group
     truncated (finish reason 'length')."""
     records = rollout.prompts.records
     g = rollout.prompts.num_generations
-    width = bucket_length(global_max(max(len(r.training_ids) for r in records)), bucket_min)
+    width = bucket_length(engine.agree(max(len(r.training_ids) for r in records))[0], bucket_min)
     n = len(records)
     prompt = np.full((n, width), pad_token_id, np.int32)
     prompt_mask = np.zeros((n, width), np.int32)

@@ -30,8 +30,8 @@ from jax.sharding import Mesh
 
 from ruscarl_jax.data.types import Message
 from ruscarl_jax.models import hf_io, qwen
-from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules, host_to_global, replicate_unsharded
-from ruscarl_jax.rl.optimizer import OptimizerSettings, make_optimizer
+from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules, host_to_global
+from ruscarl_jax.rl.optimizer import OptimizerSettings, init_opt_state, make_optimizer
 from ruscarl_jax.rl.policy import qwen_policy
 from ruscarl_jax.rl.sft import SFTSettings, make_sft_step
 from ruscarl_jax.sampler.settings import bucket_length
@@ -128,7 +128,7 @@ def fine_tune(params: qwen.Params, cfg: qwen.QwenConfig, pairs: Sequence[Pair], 
     prompt_width = bucket_length(max(p.size for p, _ in pairs), bucket_min)
     response_width = max(r.size for _, r in pairs)
     optimizer = make_optimizer(OptimizerSettings(learning_rate=settings.learning_rate, weight_decay=0.0))
-    opt_state = replicate_unsharded(jax.jit(optimizer.init)(params), mesh)
+    opt_state = init_opt_state(optimizer, params)
     step = make_sft_step(qwen_policy(cfg, mesh, rules), SFTSettings(micro_batch_size=settings.micro_batch_size,
                                                                     logprob_chunk_size=response_width), optimizer)
     rng = np.random.default_rng([settings.seed, 4])
