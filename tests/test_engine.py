@@ -147,7 +147,7 @@ def test_pallas_gpu_paged_kernel_reads_our_page_layout():
     table = jax.numpy.asarray([[3, 1, 7, 0], [5, 2, 0, 0], [11, 9, 8, 6]], np.int32)  # scattered pages
     lengths = jax.numpy.asarray([10, 5, 16], np.int32)  # partial last pages; unused entries are never read
     ref = attention.paged_decode(q, k_pool, v_pool, jax.numpy.int32(1), table, lengths, impl="jax")
-    out = attention._pallas_paged(q[:, 0], k_pool, v_pool, jax.numpy.int32(1), table, lengths, backend="gpu", interpret=True)
+    out = attention._pallas_paged(q[:, 0], k_pool, v_pool, jax.numpy.int32(1), table, lengths, platform="gpu", interpret=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref[:, 0]), atol=1e-5)
 
 

@@ -31,12 +31,14 @@ PAGED_IMPLS = ("auto", "jax", "pallas")
 Context = dict[str, Any]
 
 
-def dense(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "auto") -> jax.Array:
+def dense(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str = "auto",
+          platform: str | None = None) -> jax.Array:
     """q [B, T, H, D], k / v [B, S, KVH, D], boolean mask [B, T, S] (True = may attend) -> [B, T, H, D].
 
     Grouped-query attention with a float32 softmax. "auto" takes cuDNN flash attention on a GPU for
-    16-bit inputs and falls back to XLA where cuDNN does not apply."""
-    if impl in ("auto", "cudnn") and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    16-bit inputs and falls back to XLA where cuDNN does not apply. `platform` is the target's
+    (``sharding.platform``), not the host's."""
+    if impl in ("auto", "cudnn") and (platform or jax.default_backend()) == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
             return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
         except (ValueError, NotImplementedError, RuntimeError):
@@ -63,13 +65,13 @@ def _gather_pages(pool: jax.Array, layer: jax.Array, table: jax.Array) -> jax.Ar
 
 
 def _pallas_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array, table: jax.Array,
-                  lengths: jax.Array, backend: str | None = None, interpret: bool = False) -> jax.Array | None:
+                  lengths: jax.Array, platform: str | None = None, interpret: bool = False) -> jax.Array | None:
     """The backend's Pallas paged-attention kernel, q [B, H, D] -> [B, H, D], or None where there is none
     (CPU; several page groups). The kernels take unscaled logits, so q is scaled here. `interpret` runs the
     GPU kernel in the Pallas interpreter (tests on CPU)."""
     if k_pool.shape[1] != 1:
         return None
-    backend = backend or jax.default_backend()
+    backend = platform or jax.default_backend()
     k_pages, v_pages = k_pool[layer, 0], v_pool[layer, 0]  # [KVH, NP, PS, D]
     q = q * q.shape[-1] ** -0.5
     w = table.shape[1]
@@ -89,33 +91,37 @@ def _pallas_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax
 
 
 def paged_decode(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array, table: jax.Array,
-                 lengths: jax.Array, impl: str = "auto", dense_impl: str = "auto") -> jax.Array:
+                 lengths: jax.Array, impl: str = "auto", dense_impl: str = "auto",
+                 platform: str | None = None) -> jax.Array:
     """One query per slot, q [B, 1, H, D], over the first lengths[b] tokens of its pages -> [B, 1, H, D]."""
+    platform = platform or jax.default_backend()
     if impl in ("auto", "pallas"):
-        out = _pallas_paged(q[:, 0], k_pool, v_pool, layer, table, lengths)
+        out = _pallas_paged(q[:, 0], k_pool, v_pool, layer, table, lengths, platform)
         if out is not None:
             return out[:, None].astype(q.dtype)
-        if impl == "pallas" and jax.default_backend() != "cpu":
+        if impl == "pallas" and platform != "cpu":
             raise ValueError("rollout.engine.attention='pallas': no Pallas paged-attention kernel for this backend / layout")
     keys = _gather_pages(k_pool, layer, table).astype(q.dtype)
     values = _gather_pages(v_pool, layer, table).astype(q.dtype)
     mask = (jnp.arange(keys.shape[1])[None, :] < lengths[:, None])[:, None, :]
-    return dense(q, keys, values, mask, dense_impl)
+    return dense(q, keys, values, mask, dense_impl, platform)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context, kv: dict | None, dense_impl: str = "auto",
-           paged_impl: str = "auto") -> tuple[jax.Array, dict | None]:
-    """The layer's attention for its context (see the module docstring); returns (out, updated cache)."""
+           paged_impl: str = "auto", platform: str | None = None) -> tuple[jax.Array, dict | None]:
+    """The layer's attention for its context (see the module docstring); returns (out, updated cache).
+    `platform` picks the kernels (``sharding.platform`` of the layer's mesh)."""
     if kv is not None:  # prefill or decode: store this chunk's keys and values first
         layer = kv["layer"]
         kv = dict(kv, k=write_pages(kv["k"], layer, k, ctx["write_page"], ctx["write_offset"]),
                   v=write_pages(kv["v"], layer, v, ctx["write_page"], ctx["write_offset"]))
     if "page_table" in ctx:
-        out = paged_decode(q, kv["k"], kv["v"], kv["layer"], ctx["page_table"], ctx["lengths"], paged_impl, dense_impl)
+        out = paged_decode(q, kv["k"], kv["v"], kv["layer"], ctx["page_table"], ctx["lengths"], paged_impl, dense_impl,
+                           platform)
     else:
         t = q.shape[1]
         mask = ctx["kv_mask"][:, None, :].astype(bool) & (jnp.arange(t)[None, :, None] >= jnp.arange(t)[None, None, :])
-        out = dense(q, k, v, mask, dense_impl)
+        out = dense(q, k, v, mask, dense_impl, platform)
     if kv is not None:
         kv = dict(kv, layer=kv["layer"] + 1)
     return out, kv

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules, logical_to_spec
+from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules, logical_to_spec, platform
 
 # Logical axes of the stacked expert weights (per layer; the scan adds "layers" in front).
 ROUTER_AXES = ("embed", "router_experts")
@@ -85,18 +85,20 @@ def _gmm_blocked(x: jax.Array, w: jax.Array, group_sizes: jax.Array, block: int 
 GMM_IMPLS = ("ragged_dot", "blocked", "megablox")
 
 
-def default_gmm_impl() -> str:
+def default_gmm_impl(target: str | None = None) -> str:
     """megablox on TPU, ragged_dot on GPU (XLA's grouped GEMM), blocked on CPU (whose ragged_dot
-    expands every group to a dense masked product: G times the work)."""
-    backend = jax.default_backend()
+    expands every group to a dense masked product: G times the work). `target` is the platform the
+    program is built for (``sharding.platform``), not the host's."""
+    backend = target or platform()
     if backend == "tpu" and _megablox_gmm() is not None:
         return "megablox"
     return "blocked" if backend == "cpu" else "ragged_dot"
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str | None = None) -> jax.Array:
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str | None = None,
+                   target: str | None = None) -> jax.Array:
     """Rows of x [M, K] sorted by group times their group's matrix w [G, K, N]; rows past the groups give 0."""
-    impl = impl or default_gmm_impl()
+    impl = impl or default_gmm_impl(target)
     if impl == "megablox":
         return _gmm_megablox(x, w, group_sizes)
     if impl == "blocked":
@@ -107,7 +109,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str
 
 
 def _local_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array,
-                   first: jax.Array | int) -> jax.Array:
+                   first: jax.Array | int, target: str | None = None) -> jax.Array:
     """out[n] = sum over slots k whose expert is in [first, first + wg.shape[0]) of w * expert(x[n]).
 
     x [N, E], ids / weights [N, K]; wg / wu [Xl, E, F], wd [Xl, F, E] are the local experts.
@@ -122,8 +124,9 @@ def _local_experts(x: jax.Array, ids: jax.Array, weights: jax.Array, wg: jax.Arr
     token = order // k
     valid_sorted = valid[order][:, None]
     xs = jnp.where(valid_sorted, x[token], 0)
-    h = jax.nn.silu(grouped_matmul(xs, wg, group_sizes)) * grouped_matmul(xs, wu, group_sizes)
-    out = grouped_matmul(h, wd, group_sizes)
+    h = jax.nn.silu(grouped_matmul(xs, wg, group_sizes, target=target)) * grouped_matmul(xs, wu, group_sizes,
+                                                                                         target=target)
+    out = grouped_matmul(h, wd, group_sizes, target=target)
     w = jnp.where(valid_sorted, weights.reshape(-1)[order][:, None], 0).astype(out.dtype)
     out = jnp.where(valid_sorted, out * w, 0)
     return jnp.zeros(x.shape, out.dtype).at[token].add(out)
@@ -140,6 +143,7 @@ def experts_forward(y: jax.Array, ids: jax.Array, weights: jax.Array, wg: jax.Ar
     flat = lambda z: z.reshape(-1, z.shape[-1])  # noqa: E731
     if mesh is None:
         return _local_experts(flat(y), flat(ids), flat(weights), wg, wu, wd, 0).reshape(b, t, e)
+    target = platform(mesh)
     g_spec = logical_to_spec(("expert", None, "expert_mlp"), wg.shape, mesh, rules)
     d_spec = logical_to_spec(("expert", "expert_mlp", None), wd.shape, mesh, rules)
     g_spec = tuple(g_spec) + (None,) * (3 - len(g_spec))
@@ -155,7 +159,7 @@ def experts_forward(y: jax.Array, ids: jax.Array, weights: jax.Array, wg: jax.Ar
         if gathered:  # every expert shard needs the rows of its whole expert group
             y, ids, weights = (jax.lax.all_gather(z, gathered, axis=0, tiled=True) for z in (y, ids, weights))
         first = jax.lax.axis_index(expert_axes) * wg.shape[0] if expert_axes else 0
-        out = _local_experts(flat(y), flat(ids), flat(weights), wg, wu, wd, first).reshape(y.shape)
+        out = _local_experts(flat(y), flat(ids), flat(weights), wg, wu, wd, first, target).reshape(y.shape)
         if gathered:  # add the expert shards' partial outputs and hand each device back its own rows
             out = jax.lax.psum_scatter(out, gathered, scatter_dimension=0, tiled=True)
         return jax.lax.psum(out, summed) if summed else out

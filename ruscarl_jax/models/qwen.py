@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from ruscarl_jax.models import attention, moe
+from ruscarl_jax.models import attention, moe, sharding
 from ruscarl_jax.models.attention import Context
 from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules, constrain
 
@@ -186,7 +186,8 @@ class Block(nn.Module):
         q = constrain(rope(q, positions, cfg.rope_theta), ("batch", "length", "heads", None), self.mesh, self.rules)
         kk = rope(kk, positions, cfg.rope_theta)
 
-        attn, kv = attention.attend(q, kk, v, ctx, kv, cfg.attention, self.paged_attention)
+        attn, kv = attention.attend(q, kk, v, ctx, kv, cfg.attention, self.paged_attention,
+                                    sharding.platform(self.mesh))
         attn = constrain(attn, ("batch", "length", "heads", None), self.mesh, self.rules)
         x = x + _dense(cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), cfg, False, "o_proj")(attn)
         x = constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules)

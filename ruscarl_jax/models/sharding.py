@@ -42,6 +42,18 @@ DEFAULT_RULES: Rules = (
 )
 
 
+def platform(mesh: Mesh | None = None) -> str:
+    """The platform a program is built for: that of the mesh's devices ("tpu" for a TPU topology compiled
+    from a CPU host), else that of the mesh in context (``jax.set_mesh``, inside ``shard_map``), else the
+    default backend. Kernels (Pallas, megablox, cuDNN) are chosen by this, never by the host's backend."""
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    if device is not None and device.platform:
+        return device.platform
+    return jax.default_backend()
+
+
 def make_mesh(shape: dict[str, int] | Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh with axes (data, fsdp, expert, tensor). One size may be -1 ("the rest of the devices")."""
     sizes = dict(shape)
