@@ -1,9 +1,30 @@
-"""Qwen2.5-7B-Instruct on HealthBench with the paper's settings (arXiv 2508.16949):
-n = 8, lr 1e-6 constant, 64 prompts a step, minibatch 32 prompts, 1 PPO epoch, KL 0.001 low_var_kl,
-entropy 0, temperature 0.7, top-p 0.8, top-k 20, 4096 prompt + 4096 response tokens, 350 steps,
-step_sigmoid scaffolding with start 0.20, steepness 125 and no base message. Validation on the 400
-shared HealthBench examples every 5 steps. The judge samples as the reference's does: temperature 0.7,
-top-p 0.8, top-k 20, presence penalty 1.5, 2048 tokens, thinking off (Qwen3 judges).
+"""Qwen2.5-7B-Instruct on HealthBench with the paper's settings (arXiv 2508.16949), built on the library
+defaults (configs/base.py), never on the toy task: no warm start, the full scaffold wording.
+
+The paper's run: n = 8, lr 1e-6 constant, 64 prompts a step, minibatch 32 prompts, 1 PPO epoch, KL 0.001
+low_var_kl, entropy 0, temperature 0.7, top-p 0.8, top-k 20, 4096 prompt + 4096 response tokens, 350
+steps, step_sigmoid scaffolding with start 0.20, steepness 125 and no base message when nothing is shown.
+Validation on the 400 shared HealthBench examples every 5 steps. The judge samples as the reference's
+does: temperature 0.7, top-p 0.8, top-k 20, presence penalty 1.5, 2048 tokens, thinking off (Qwen3 judges).
+tests/test_paper_configs.py checks every key of the resolved config against the reference's settings.
+
+Where this config still differs from the reference run:
+- grader prompt: the built-in template has HealthBench's structure (conversation, then one rubric item,
+  JSON {"explanation", "criteria_met"}) in this project's words; set judge.template_path to a file with
+  HealthBench's own grader text (its <<conversation>> / <<rubric_item>> placeholders work as they are)
+  for the reference's exact prompt;
+- scaffold wording: the reference's parts (an opening with its base message "You are a helpful medical
+  assistant.", "Criterion i: ... (worth P points)" under points to include, "(penalty: P points)" under
+  points to avoid, a closing request, the do-not-reveal warning) in this project's sentences; the message
+  goes through the tokenizer's chat template (the reference pastes Qwen's special tokens by hand);
+- criteria shown at 0 < ratio < 1 are chosen with a seeded draw (the reference's draw is unseeded);
+- the sampler is this project's engine, not vLLM: the same filters (temperature, top-k, then top-p), a
+  bfloat16 paged KV cache, bfloat16 compute over float32 master weights;
+- judge failures: up to 6 retries, then the criterion is ungraded and its group leaves the update
+  (judge.ungraded_policy 'drop_group'); the judge model is whatever JUDGE_MODEL names;
+- prompts over 4096 tokens are dropped (data.length_policy 'drop', like verl's filter_overlong_prompts);
+- checkpoints every 25 steps, the last 3 kept, and the micro-batch sizes are this project's choices
+  (they change memory, not the update).
 
 Paths and the judge come from the environment (or --config.key=value):
     QWEN7B_DIR              a Hugging Face checkpoint directory of Qwen2.5-7B-Instruct (local on each host)
@@ -16,11 +37,11 @@ Paths and the judge come from the environment (or --config.key=value):
 """
 import os
 
-from configs import tiny
+from configs import base
 
 
 def get_config():
-    c = tiny.get_config()
+    c = base.get_config()
     c.workdir = "runs/qwen7b"
     c.model.source = "hf"
     c.model.checkpoint_dir = os.environ.get("QWEN7B_DIR", "")
@@ -34,6 +55,8 @@ def get_config():
                        batch_size=64, max_prompt_length=4096, length_policy="drop", val_examples=0))
     c.scaffold.update(dict(rule="step_sigmoid", start_point=0.2, steepness=125.0, add_base_when_zero=False,
                            include_evaluation_warning=True))
+    c.scaffold.wording.base_message = "You are a helpful medical assistant."  # the reference's
+    c.warm_start.path = ""  # no warm start: RL from the instruct checkpoint, which is also the KL reference
     c.rollout.update(dict(num_generations=8, max_new_tokens=4096, temperature=0.7, top_p=0.8, top_k=20,
                           prompt_bucket_min=512))
     c.rollout.validation.update(dict(temperature=0.7, top_p=0.8, top_k=20, greedy=False))
