@@ -18,7 +18,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest
 
-SHARED = pathlib.Path(__file__).resolve().parents[1].parent / "shared"
+# shared/ beside the checkout (CI's layout); RUSCARL_SHARED_DIR points elsewhere (a worktree without one)
+SHARED = pathlib.Path(os.environ.get("RUSCARL_SHARED_DIR") or pathlib.Path(__file__).resolve().parents[1].parent / "shared")
 HEALTHBENCH_DIR = SHARED / "healthbench"
 
 

@@ -70,6 +70,16 @@ DEFAULT_TEMPLATE = (INSTRUCTIONS + "\n" + _CONVERSATION_HEADER + "<<conversation
                     + _FINAL)
 
 PLACEHOLDERS: tuple[str, ...] = ("conversation", "response", "rubric_item", "points")
+
+# the verdict as a JSON schema: sent as the OpenAI `response_format` with judge.response_format='json_schema'
+# (a structured-outputs server then replies with exactly this object, which `parse_verdict` reads as a bare
+# object like any other reply)
+VERDICT_SCHEMA: dict = {
+    "type": "object",
+    "properties": {"explanation": {"type": "string"}, "criteria_met": {"type": "boolean"}},
+    "required": ["explanation", "criteria_met"],
+    "additionalProperties": False,
+}
 _PLACEHOLDER = re.compile(r"<<([^<>\s]*)>>")
 
 

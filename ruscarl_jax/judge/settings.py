@@ -13,9 +13,10 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-from ruscarl_jax.judge.grader import DEFAULT, GraderTemplate
+from ruscarl_jax.judge.grader import DEFAULT, VERDICT_SCHEMA, GraderTemplate
 
 UNGRADED_POLICIES: tuple[str, ...] = ("drop_group", "graded_only")
+RESPONSE_FORMATS: tuple[str, ...] = ("none", "json_schema")
 
 
 def _fail(field: str, message: str) -> None:
@@ -56,6 +57,10 @@ class JudgeSettings:
     max_parse_failure_rate: a step whose unparseable replies exceed this fraction of its judge requests
         stops the run (None: no bound).
     met_rate_tag_prefixes: rubric tags with these prefixes get a per-step met-rate metric.
+    response_format: 'none' (free text; the verdict is found in the reply, as the reference's judge does)
+        or 'json_schema' (the verdict's JSON schema, `grader.VERDICT_SCHEMA`, is sent as the OpenAI
+        `response_format`, so a server with structured outputs, e.g. vLLM, can only reply with a verdict;
+        parsing accepts both). Per-criterion grading only (batch_criteria replies are lists).
     """
 
     base_urls: tuple[str, ...] = ()
@@ -83,6 +88,7 @@ class JudgeSettings:
     regrade_fraction: float = 0.0
     max_parse_failure_rate: float | None = None
     met_rate_tag_prefixes: tuple[str, ...] = ("axis:",)
+    response_format: str = "none"
 
     def __post_init__(self) -> None:
         urls = self.base_urls
@@ -130,7 +136,7 @@ class JudgeSettings:
             if not isinstance(extra, Mapping):
                 _fail("extra_body", f"must be a mapping, got {type(extra).__name__}")
             reserved = {"model", "messages", "temperature", "max_tokens", "stream", "top_p", "top_k",
-                        "presence_penalty"} & set(extra)
+                        "presence_penalty", "response_format"} & set(extra)
             if reserved:
                 _fail("extra_body", f"may not set {sorted(reserved)} (they have their own settings)")
             object.__setattr__(self, "extra_body", types.MappingProxyType(dict(extra)))
@@ -160,6 +166,11 @@ class JudgeSettings:
         if isinstance(prefixes, str) or not all(isinstance(p, str) and p for p in prefixes):
             _fail("met_rate_tag_prefixes", f"must be a list of non-empty tag prefixes, got {prefixes!r}")
         object.__setattr__(self, "met_rate_tag_prefixes", tuple(prefixes))
+        if self.response_format not in RESPONSE_FORMATS:
+            _fail("response_format", f"{self.response_format!r} is not one of {', '.join(RESPONSE_FORMATS)}")
+        if self.response_format == "json_schema" and self.batch_criteria:
+            _fail("response_format", "'json_schema' sends the one-criterion verdict schema; batch_criteria asks for "
+                                     "a list of verdicts (use response_format='none' with batch_criteria)")
         if self.ungraded_policy not in UNGRADED_POLICIES:
             _fail("ungraded_policy", f"unknown policy {self.ungraded_policy!r}; valid: {', '.join(UNGRADED_POLICIES)}")
 
@@ -178,4 +189,7 @@ class JudgeSettings:
             body["presence_penalty"] = self.presence_penalty
         if self.top_k:
             body["top_k"] = self.top_k
+        if self.response_format == "json_schema":
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "verdict", "strict": True, "schema": VERDICT_SCHEMA}}
         return {**body, **dict(self.extra_body or {})}

