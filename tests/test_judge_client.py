@@ -234,6 +234,26 @@ def test_request_carries_model_sampling_and_extra_body():
     assert metrics["completion_tokens"] == server.completion_tokens > 0
 
 
+@pytest.mark.parametrize("response_format", ["none", "json_schema"])
+def test_response_format_is_sent_and_both_reply_forms_parse(response_format):
+    """json_schema sends the verdict schema as the OpenAI response_format (the fake server then answers with
+    the bare compact object, as a structured-outputs server does); 'none' sends no response_format."""
+    example = phrase_example("e", [("aspirin", 4), ("ibuprofen", -2)])
+    with FakeJudgeServer(style="think") as server:
+        settings = JudgeSettings(base_urls=(server.base_url,), timeout_s=10.0, response_format=response_format, **FAST)
+        with Judge(settings) as judge:
+            [grade] = judge.grade([(example, "take aspirin")])
+        body = server.last_body
+    assert [c.met for c in grade.criteria] == [True, False] and grade.ungraded_count == 0
+    if response_format == "none":
+        assert "response_format" not in body
+    else:
+        schema = body["response_format"]
+        assert schema["type"] == "json_schema" and schema["json_schema"]["strict"] is True
+        assert schema["json_schema"]["schema"]["required"] == ["explanation", "criteria_met"]
+        assert schema["json_schema"]["schema"]["properties"]["criteria_met"] == {"type": "boolean"}
+
+
 def test_paper_judge_sampling_reaches_the_server():
     """configs/qwen7b.py's judge section, as sent: top_p / presence_penalty as OpenAI fields, top_k in the
     body (vLLM's extension), thinking off; unset optional fields are not sent at all."""

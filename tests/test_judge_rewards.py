@@ -118,6 +118,9 @@ def test_settings_from_config_values():
     ({"top_k": 2.5}, "top_k"),
     ({"presence_penalty": 3.0}, "presence_penalty"),
     ({"extra_body": {"top_k": 5}}, "extra_body"),
+    ({"extra_body": {"response_format": {"type": "json_object"}}}, "extra_body"),
+    ({"response_format": "json"}, "response_format"),
+    ({"response_format": "json_schema", "batch_criteria": True}, "response_format"),
 ])
 def test_settings_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"JudgeSettings.{field}:"):

@@ -102,6 +102,8 @@ def parse_batched_grader_prompt(prompt: str) -> tuple[str, list[tuple[int, str]]
 
 
 def _styled(verdict: dict[str, Any], style: str) -> str:
+    if style == "schema":  # a structured-outputs server's reply to a json_schema response_format: the bare object
+        return json.dumps(verdict, separators=(",", ":"))
     body = json.dumps(verdict)
     if style == "fenced":
         return f"```json\n{body}\n```"
@@ -296,6 +298,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         met = criterion_met(response, criterion)
         digest = hashlib.sha256(prompt.encode()).digest()
         style = STYLES[digest[0] % len(STYLES)] if owner.style == "mixed" else owner.style
+        if (body.get("response_format") or {}).get("type") == "json_schema":
+            style = "schema"
         if is_batched_prompt(prompt):
             content = _batched_answer(prompt, fault, style)
         elif fault == "malformed":
