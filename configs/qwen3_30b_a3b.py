@@ -9,6 +9,11 @@ rows of its expert group and reduce-scatters its output (models/moe.py). The rou
 loss is off (a metric only), as usual for RL fine-tuning; routing replay is available with
 --config.grpo.routing_replay=True.
 
+Built on configs/qwen7b.py (so on the faithful base: no warm start, the full scaffold wording); it
+differs from the reference run in everything configs/qwen7b.py lists, plus: the load-balancing loss and
+routing replay are this project's choices (the paper states neither); micro-batches of 64 rows (memory
+only). tests/test_paper_configs.py checks every key against the reference run's settings.
+
     QWEN3_30B_A3B_DIR=/models/Qwen3-30B-A3B-Instruct-2507 JUDGE_BASE_URL=... JUDGE_MODEL=... \
         python scripts/train.py --config=configs/qwen3_30b_a3b.py
 """

@@ -73,10 +73,13 @@ PLACEHOLDERS: tuple[str, ...] = ("conversation", "response", "rubric_item", "poi
 
 # the verdict as a JSON schema: sent as the OpenAI `response_format` with judge.response_format='json_schema'
 # (a structured-outputs server then replies with exactly this object, which `parse_verdict` reads as a bare
-# object like any other reply)
+# object like any other reply). The explanation is bounded (the prompt asks for a short one): a judge that
+# rambles inside the string would otherwise run into max_tokens and leave the object unclosed.
+EXPLANATION_MAX_CHARS = 1000
 VERDICT_SCHEMA: dict = {
     "type": "object",
-    "properties": {"explanation": {"type": "string"}, "criteria_met": {"type": "boolean"}},
+    "properties": {"explanation": {"type": "string", "maxLength": EXPLANATION_MAX_CHARS},
+                   "criteria_met": {"type": "boolean"}},
     "required": ["explanation", "criteria_met"],
     "additionalProperties": False,
 }
