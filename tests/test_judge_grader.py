@@ -66,6 +66,8 @@ def test_split_prompt_rejects_other_text():
     ('{not json} then {"explanation": "second", "criteria_met": true}', True, "second"),
     ('{"criteria_met": true}', True, ""),
     ('{"outer": {"criteria_met": false}} {"explanation": "top", "criteria_met": true}', True, "top"),
+    # a structured-outputs reply (compact, no whitespace), raw control characters in the string included
+    ('{"explanation":"tab\there, unit sep \x1f, bell \x07","criteria_met":true}', True, "tab\there, unit sep \x1f, bell \x07"),
 ])
 def test_parse_verdict_accepts(text, met, explanation):
     verdict = parse_verdict(text)

@@ -149,7 +149,8 @@ def test_json_schema_verdicts_all_parse_and_share_the_prefix(vllm_server, exampl
     base, started = vllm_server
     _say(capsys, started)
     hits0, queries0 = _prefix_cache(base)
-    with _judge(base, response_format="json_schema", max_tokens=512, **PAPER_SAMPLING) as judge:
+    # the paper's judge sampling, max_tokens 2048 included: room for the schema's 1000-character explanation
+    with _judge(base, response_format="json_schema", max_tokens=2048, **PAPER_SAMPLING) as judge:
         grades = judge.grade([(example, RESPONSE) for example in examples])
         metrics = judge.metrics()
     verdicts = [c for g in grades for c in g.criteria]

@@ -16,8 +16,9 @@ and one of <<conversation>> / <<response>>, and any other <<name>> is an error n
 HealthBench's own grader text uses <<conversation>> and <<rubric_item>>, so it works verbatim.
 
 Parsing accepts what judges actually return: a `<think>...</think>` preamble (removed first), a fenced
-```json block, a bare object, or an object inside surrounding prose (the first balanced `{...}` that is
-valid JSON and has "criteria_met"). A "criteria_met" that is not a JSON boolean makes the verdict
+```json block, a bare object (what a structured-outputs server returns for `VERDICT_SCHEMA`), or an object
+inside surrounding prose (the first balanced `{...}` that is valid JSON, raw control characters in its
+strings allowed, and has "criteria_met"). A "criteria_met" that is not a JSON boolean makes the verdict
 unparseable (the client retries it), never a silent False.
 """
 from __future__ import annotations
@@ -238,8 +239,8 @@ def json_values(text: str, open_: str = "{", close: str = "}"):
         raise VerdictParseError(f"the judge reply is {type(text).__name__}, not text")
     for candidate in candidates(strip_thinking(text), open_, close):
         if candidate.startswith(open_):
-            try:
-                yield json.loads(candidate)
+            try:  # strict=False: raw control characters inside strings (vLLM's xgrammar lets them through)
+                yield json.loads(candidate, strict=False)
             except ValueError:
                 continue
 
