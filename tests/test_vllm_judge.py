@@ -13,6 +13,7 @@ every verdict must parse.
 import os
 import pathlib
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -105,12 +106,16 @@ def vllm_server(examples, tmp_path_factory):
             time.sleep(2)
         yield base, f"vLLM server started in {time.monotonic() - started:.0f} s on {base} ({python})"
     finally:
-        process.terminate()
+        process.terminate()  # vLLM stops its engine and worker processes on SIGTERM
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.wait(timeout=30)
+            pass
+        try:  # whatever of its session is left (the server started it): none of it outlives the test
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=30)
 
 
 def _judge(base: str, **overrides):
