@@ -6,6 +6,7 @@
 #   ./dev.sh vllm-venv       creates .venv-vllm, the real vLLM judge server's environment (tests/test_vllm_judge.py)
 set -euo pipefail
 cd "$(dirname "$0")"
+if [ "${1:-}" = vllm-venv ]; then shift; exec scripts/install_vllm_venv.sh "$@"; fi  # its own venv, not .venv
 VENV="${RUSCARL_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 stamp="$VENV/.installed-$(cat pyproject.toml requirements.lock | sha256sum | cut -c1-16)"
@@ -23,6 +24,5 @@ case "$cmd" in
   train) exec "$VENV/bin/python" scripts/train.py "$@" ;;
   test)  exec "$VENV/bin/python" -m pytest "$@" ;;
   python) exec "$VENV/bin/python" "$@" ;;
-  vllm-venv) exec scripts/install_vllm_venv.sh "$@" ;;
   *) echo "usage: ./dev.sh train|test|python|vllm-venv [args...]" >&2; exit 2 ;;
 esac
