@@ -77,6 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
         gap_thresholds=(0.1, 1.0),  # |log-ratio| thresholds of the scaffold_gap/*/frac_abs_gt_* metrics
         filter_zero_std_groups=False, mask_truncated=False,
         router_aux_loss_coef=0.0, routing_replay=False,  # MoE only (see rl/settings.py)
+        routing_mismatch_metric=False,  # MoE: record the rollout's routing for the metric without replay (a forward)
     ))
     c.optim = ml_collections.ConfigDict(dict(
         learning_rate=1e-3, weight_decay=0.0, max_grad_norm=1.0, schedule="constant", warmup_steps=0,
@@ -84,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.trainer = ml_collections.ConfigDict(dict(
         total_steps=100, checkpoint_every=50, keep_checkpoints=2, test_freq=10, overlap_judge=False,
         save_rollouts=True, tensorboard=True,
+        # SIGTERM (a TPU VM preemption): stop sampling / judging at once and save the last completed step
+        # (with the rollout already sampled) within this many seconds; a slower stop is logged as an error
+        preemption_grace_s=25.0,
         plan_only=False,  # True: print the memory plan of a step on this job's devices (scripts/plan.py) and exit
         # Weights & Biases beside TensorBoard and metrics.jsonl (pip install 'ruscarl_jax[wandb]'); mode ''
         # follows WANDB_MODE, 'offline' writes workdir/wandb only (upload later with `wandb sync`)
