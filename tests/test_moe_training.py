@@ -279,3 +279,23 @@ def test_moe_overlap_resume_keeps_the_pending_rollouts_routing_and_time(tmp_path
     final = checkpoint_params(full, 3)
     for key, value in checkpoint_params(resumed, 3).items():
         np.testing.assert_allclose(value, final[key], rtol=0, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("replay", [True, False])
+def test_memory_plan_compiles_the_routing_pass_when_the_run_records_routing(replay):
+    """The memory plan lowers the same routing pass the trainer runs (rl.routing.make_routing_pass), and
+    only when the run records routing."""
+    from configs import tiny_moe
+    from ruscarl_jax.trainer.memory_plan import custom_slice
+    from ruscarl_jax.trainer.step_memory import plan_config
+
+    c = tiny_moe.get_config()
+    c.grpo.routing_replay = replay
+    plan = plan_config(c, custom_slice(8, 16.0))
+    names = [p.name for p in plan.programs]
+    assert ("routing pass" in names) == replay, names
+    if replay:
+        routing = plan.programs[names.index("routing pass")]
+        logprobs = plan.programs[names.index("log-probs")]
+        # the same rows per micro-batch as the log-prob pass: no bigger than it (it also holds logits)
+        assert 0 < routing.peak <= logprobs.peak
