@@ -191,6 +191,11 @@ def _judged_task(tmp_path):
     return path
 
 
+def _asked(server) -> int:
+    with server._lock:
+        return sum(server.key_counts.values())  # counted as a request arrives, before its reply is delayed
+
+
 def test_sigterm_mid_step_stops_both_within_the_grace_and_resumes_exactly(tmp_path):
     data = _judged_task(tmp_path)
     with FakeJudgeServer() as server:
@@ -209,8 +214,8 @@ def test_sigterm_mid_step_stops_both_within_the_grace_and_resumes_exactly(tmp_pa
                 break
             time.sleep(0.05)
         server.delay_s = HANG_S  # step 2's judge calls now take a minute each
-        asked = sum(server.key_counts.values())
-        while time.time() < deadline and sum(server.key_counts.values()) == asked:  # step 2 is being judged
+        asked = _asked(server)
+        while time.time() < deadline and _asked(server) == asked:  # step 2 is being judged
             time.sleep(0.05)
         signalled = time.monotonic()
         procs[1].send_signal(signal.SIGTERM)  # process 1 only
