@@ -201,10 +201,13 @@ def test_sigterm_mid_step_stops_both_within_the_grace_and_resumes_exactly(tmp_pa
     with FakeJudgeServer() as server:
         flags = [f"--config.data.train_path={data}", "--config.data.val_path=", "--config.trainer.test_freq=0",
                  f"--config.judge.base_urls=('{server.base_url}',)", "--config.judge.model=fake-judge",
-                 f"--config.judge.timeout_s={2 * HANG_S}", "--config.trainer.checkpoint_every=1000",
-                 "--config.trainer.save_rollouts=False"]
+                 f"--config.judge.timeout_s={2 * HANG_S}", "--config.trainer.checkpoint_every=1000"]
         reference = tmp_path / "reference"
         _pair(reference, 3, *flags)
+        for step in (1, 3):  # the records hold both processes' rows: every prompt of the step, both samples
+            records = [json.loads(line) for line in (reference / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()]
+            assert len(records) == 4 * 2 and len({r["example_id"] for r in records}) == 4
+            assert [r["sample_index"] for r in records] == [0, 1] * 4
         run = tmp_path / "run"
         procs = _start_pair(run, 3, *flags)
         metrics = run / "metrics.jsonl"
