@@ -157,3 +157,20 @@ def test_weights_are_cast_once_and_not_copied_when_already_in_the_compute_dtype(
     assert same["w"] is params["w"] and same["ids"] is params["ids"]
     half = engine.cast_params(params, "bfloat16")
     assert half["w"].dtype == jax.numpy.bfloat16 and half["ids"].dtype == params["ids"].dtype
+
+
+def test_interrupt_is_asked_every_iteration_and_abandons_sampling(tiny):
+    """`interrupt` (the trainer's preemption check) is asked once per scheduler iteration; False changes
+    nothing, True abandons the call with engine.Interrupted at that iteration."""
+    _, _, cfg, params = tiny("qwen3_odd_head_dim")
+    tokens, mask = left_padded_batch(VOCAB, LENGTHS, seed=2)
+    settings = SamplingSettings(max_new_tokens=R, greedy=True, pad_token_id=PAD, prompt_bucket_min=8, engine=SMALL)
+    plain = generate(params, cfg, (tokens, mask), jax.random.key(0), settings)
+    asked = []
+    same = generate(params, cfg, (tokens, mask), jax.random.key(0), settings, interrupt=lambda: asked.append(1) or False)
+    np.testing.assert_array_equal(same.tokens, plain.tokens)
+    assert len(asked) >= R // SMALL.check_every  # 2 slots for 6 rows of up to 16 tokens, 3 steps an iteration
+    calls = []
+    with pytest.raises(engine.Interrupted, match="sampling interrupted after"):
+        generate(params, cfg, (tokens, mask), jax.random.key(0), settings, interrupt=lambda: calls.append(1) or len(calls) == 3)
+    assert len(calls) == 3

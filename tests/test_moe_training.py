@@ -195,3 +195,107 @@ def test_rows_must_divide_the_batch_rule_axes(tmp_path):
                                                      r"batch\), which do not divide across the 32 data-parallel "
                                                      r"devices \(mesh data x fsdp x expert"):
         config_lib.validate(c, num_devices=32)
+
+
+# ------------------------------------------------------------------------------------------ routing pass
+
+def _tiny_moe():
+    from ruscarl_jax.models import qwen
+
+    cfg = qwen.QwenConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_layers=3, num_heads=2, num_kv_heads=1,
+                          head_dim=8, qkv_bias=False, qk_norm=True, num_experts=4, num_experts_per_tok=2,
+                          moe_intermediate_size=8, mlp_only_layers=(1,))
+    return cfg, qwen.init_params(cfg, jax.random.key(0))
+
+
+def test_routing_pass_in_micro_batches_equals_one_full_forward():
+    """rl.routing.routing_pass cuts the rows into log-prob-sized micro-batches inside one program; its
+    routing of the response-scoring positions equals one forward over all rows at once."""
+    from ruscarl_jax.models import qwen
+    from ruscarl_jax.rl.policy import qwen_policy
+    from ruscarl_jax.rl.routing import experts_shape, make_routing_pass
+
+    cfg, params = _tiny_moe()
+    rows, prompt, response = 6, 5, 4
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(1, 50, (rows, prompt + response)), jnp.int32)
+    mask = np.ones((rows, prompt + response), np.int32)
+    mask[0, :2] = 0  # a left-padded prompt
+    mask[1, -2:] = 0  # a response that stopped early
+    mask = jnp.asarray(mask)
+    experts = make_routing_pass(qwen_policy(cfg), GRPOSettings(logprob_micro_batch_size=2))(
+        params, tokens, mask, response_len=response)
+    assert experts.shape == experts_shape(cfg, rows, response) == (rows, 3, response, 2)
+    full = qwen.forward_routed(params, cfg, tokens, mask)[1]["experts"][:, :, prompt - 1: prompt + response - 1]
+    np.testing.assert_array_equal(np.asarray(experts), np.asarray(full))
+
+
+def _metrics_of(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_no_routing_pass_without_replay_or_the_mismatch_metric(tmp_path):
+    """The routing pass costs a forward over the rollout: a MoE run with neither routing replay nor
+    grpo.routing_mismatch_metric runs none and logs no routing_mismatch (not a made-up value)."""
+    off, metric = tmp_path / "off", tmp_path / "metric"
+    proc = _train(off, "--config.trainer.total_steps=1", "--config.grpo.routing_replay=False")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    row = _metrics_of(off)[0]
+    assert "routing_mismatch" not in row and np.isfinite(row["router_entropy"])
+    proc = _train(metric, "--config.trainer.total_steps=1", "--config.grpo.routing_replay=False",
+                  "--config.grpo.routing_mismatch_metric=True")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert 0.0 <= _metrics_of(metric)[0]["routing_mismatch"] <= 1.0
+
+
+def test_moe_overlap_resume_keeps_the_pending_rollouts_routing_and_time(tmp_path):
+    """An overlap checkpoint holds the pending rollout's routing and sampling time: the resumed step
+    replays the same experts (same routing_mismatch, same parameters) and reports the same rollout
+    time, not tokens / 1e-9."""
+    import shutil
+
+    from run_utils import checkpoint_params
+
+    flags = ["--config.trainer.total_steps=3", "--config.trainer.overlap_judge=True", "--config.trainer.checkpoint_every=1",
+             "--config.trainer.keep_checkpoints=10", "--config.optim.learning_rate=0.03", "--config.grpo.entropy_coeff=0.01"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    proc = _train(full, *flags)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    shutil.copytree(full, resumed)
+    for step in (2, 3):
+        shutil.rmtree(resumed / "checkpoints" / str(step))
+    proc = _train(resumed, *flags)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    before, after = {r["step"]: r for r in _metrics_of(full)}, {r["step"]: r for r in _metrics_of(resumed)}
+    assert sorted(after) == [1, 2, 3]
+    for step in (2, 3):
+        for key in ("routing_mismatch", "reward_mean", "grad_norm", "pg_loss", "router_entropy"):
+            assert key in after[step], (step, key)
+            assert after[step][key] == pytest.approx(before[step][key], abs=1e-6), (step, key)
+    # step 2 trained on the rollout saved with checkpoint 1: its sampling time travelled with it
+    assert after[2]["rollout_seconds"] == pytest.approx(before[2]["rollout_seconds"], rel=1e-5)
+    assert after[2]["tokens_per_second"] == pytest.approx(before[2]["tokens_per_second"], rel=1e-4)
+    assert after[2]["tokens_per_second"] < 1e7
+    final = checkpoint_params(full, 3)
+    for key, value in checkpoint_params(resumed, 3).items():
+        np.testing.assert_allclose(value, final[key], rtol=0, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("replay", [True, False])
+def test_memory_plan_compiles_the_routing_pass_when_the_run_records_routing(replay):
+    """The memory plan lowers the same routing pass the trainer runs (rl.routing.make_routing_pass), and
+    only when the run records routing."""
+    from configs import tiny_moe
+    from ruscarl_jax.trainer.memory_plan import custom_slice
+    from ruscarl_jax.trainer.step_memory import plan_config
+
+    c = tiny_moe.get_config()
+    c.grpo.routing_replay = replay
+    plan = plan_config(c, custom_slice(8, 16.0))
+    names = [p.name for p in plan.programs]
+    assert ("routing pass" in names) == replay, names
+    if replay:
+        routing = plan.programs[names.index("routing pass")]
+        logprobs = plan.programs[names.index("log-probs")]
+        # the same rows per micro-batch as the log-prob pass: no bigger than it (it also holds logits)
+        assert 0 < routing.peak <= logprobs.peak

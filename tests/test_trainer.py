@@ -240,3 +240,19 @@ def test_overlap_judges_one_batch_while_sampling_the_next_and_resumes_exactly(tm
     shutil.rmtree(fresh / "checkpoints" / "1" / "pending")
     _run(fresh, *OVERLAP, steps=3)
     assert any(np.abs(value - final[key]).max() > 1e-4 for key, value in _final_params(fresh).items())
+
+
+def test_over_long_validation_prompt_is_dropped_before_anything_compiles(tmp_path):
+    """A validation prompt longer than data.max_prompt_length is dropped at load (naming it), as the
+    training prompts are; it used to reach the sampler and raise there, on the one process holding it."""
+    rows = [json.loads(line) for line in (ROOT / "data" / "tiny" / "val.jsonl").read_text().splitlines()[:3]]
+    long = dict(rows[0], prompt_id="val-too-long",
+                prompt=[{"role": "user", "content": " ".join(f"w{i}" for i in range(400))}])
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows + [long]), encoding="utf-8")
+    proc = _run(tmp_path / "run", f"--config.data.val_path={tmp_path / 'val.jsonl'}", "--config.trainer.test_freq=1",
+                "--config.rollout.engine.max_seq_len=134", steps=1, check=False)  # 128 prompt + 6 response tokens
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert ("dropped 1 of 4 validation examples whose prompts exceed data.max_prompt_length=128 "
+            "(data.length_policy='drop'): val-too-long (") in proc.stderr
+    row = _metrics(tmp_path / "run")[0]
+    assert math.isfinite(row["val/score"]) and math.isfinite(row["val/score_initial"])

@@ -36,3 +36,28 @@ def test_indivisible_sizes_name_the_key_and_numbers(change, devices, processes, 
     with pytest.raises(ConfigError) as err:
         validate(c, num_devices=devices, process_count=processes)
     assert message in str(err.value)
+
+
+def test_data_parallel_size_not_a_multiple_of_the_process_count_is_an_error():
+    # 4 processes over a data x tensor = 2 x 2 mesh: the rows of 4 processes cannot own 2 data shards
+    c = _config()
+    c.mesh.update(dict(data=2, tensor=2))
+    with pytest.raises(ConfigError) as err:
+        validate(c, num_devices=4, process_count=4)
+    assert ("config.mesh: the data-parallel size 2 (mesh data=2 x fsdp=1, the axes of the 'batch' sharding rule) is not "
+            "a multiple of the 4 processes (distributed.num_processes)") in str(err.value)
+    validate(c, num_devices=4, process_count=2)  # 2 processes own one data shard each
+
+
+def test_preemption_grace_must_be_positive():
+    c = _config()
+    assert validate(c, num_devices=4).grpo  # the default (25 s) is valid
+    c.trainer.preemption_grace_s = 0.0
+    with pytest.raises(ConfigError, match=r"config.trainer.preemption_grace_s: must be a number of seconds > 0, got 0.0"):
+        validate(c, num_devices=4)
+
+
+def test_routing_mismatch_metric_needs_a_moe_model():
+    c = _config(routing_mismatch_metric=True)
+    with pytest.raises(ConfigError, match=r"config.grpo.routing_mismatch_metric: needs a mixture-of-experts model"):
+        validate(c, num_devices=4)

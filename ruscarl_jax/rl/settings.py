@@ -56,6 +56,11 @@ class GRPOSettings:
         0 (the default for RL fine-tuning) leaves it a metric only. Ignored by dense models.
     routing_replay: MoE only: run the old-log-prob, reference and update forwards with the experts
         each response token was routed to during the rollout (the batch's ``rollout_experts``).
+    routing_mismatch_metric: MoE only: also record the rollout's routing when routing replay is off, to
+        report ``routing_mismatch`` (the fraction of response tokens the update's router sends elsewhere).
+        It costs a teacher-forced forward over the rollout rows (about one log-prob pass), so it is off by
+        default; with routing replay on, the routing is recorded anyway and the metric is always reported.
+        Without either, no routing pass runs and no ``routing_mismatch`` is logged (never a made-up 0).
     """
 
     clip_ratio_low: float = 0.2
@@ -88,6 +93,7 @@ class GRPOSettings:
     mask_truncated: bool = False
     router_aux_loss_coef: float = 0.0
     routing_replay: bool = False
+    routing_mismatch_metric: bool = False
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -209,10 +209,15 @@ class _Slot:
     logprobs: list[float]
 
 
+class Interrupted(Exception):
+    """A generate call abandoned because its `interrupt` callback answered True (e.g. a preemption)."""
+
+
 class _Engine:
     """One generate call's scheduler state (host numpy), see the module docstring."""
 
-    def __init__(self, params, cfg, rows, seeds, rng, settings, layout, mesh, rules) -> None:
+    def __init__(self, params, cfg, rows, seeds, rng, settings, layout, mesh, rules, interrupt=None) -> None:
+        self.interrupt = interrupt
         self.params, self.cfg, self.rows, self.seeds, self.rng = params, cfg, rows, seeds, rng
         self.s, self.layout, self.mesh, self.rules = settings, layout, mesh, rules
         self.pages = PageTable(layout.local_groups, layout.slots, layout.pages_per_group, layout.page_size)
@@ -363,6 +368,8 @@ class _Engine:
             per_group, longest, held, busy, work = agree(max(counts.values(), default=0), longest, held, busy, int(work))
             if not work:
                 return
+            if self.interrupt is not None and self.interrupt():  # asked once per agreed iteration, on every process
+                raise Interrupted(f"sampling interrupted after {self.decode_steps} decode steps")
             if per_group:
                 width = bucket_length(longest, self.s.prompt_bucket_min, self.s.prompt_bucket_steps)
                 self._prefill(admitted, _pow2(per_group, per), width)
@@ -371,11 +378,14 @@ class _Engine:
 
 def run(params: qwen.Params, cfg: qwen.QwenConfig, rows: Sequence[np.ndarray], seeds: np.ndarray, rng: jax.Array,
         settings: SamplingSettings, layout: Layout, *, mesh: Mesh | None = None,
-        rules: Rules = DEFAULT_RULES) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+        rules: Rules = DEFAULT_RULES, interrupt: Callable[[], bool] | None = None,
+        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
     """Sample every row (this process's prompts as id arrays): tokens [N, R], log-probs [N, R], stopped [N]
     and counters (admissions, preemptions, decode_steps, pages_read). Every process must call it (with
-    its own rows) the same number of times."""
-    engine = _Engine(cast_params(params, cfg.dtype), cfg, list(rows), seeds, rng, settings, layout, mesh, rules)
+    its own rows) the same number of times. `interrupt` is called once per scheduler iteration, after
+    the iteration's all-gather, so every process asks it equally often; True raises Interrupted (on
+    every process alike when its answer is agreed, as the trainer's preemption check is)."""
+    engine = _Engine(cast_params(params, cfg.dtype), cfg, list(rows), seeds, rng, settings, layout, mesh, rules, interrupt)
     engine.run()
     stats = {k: getattr(engine, k) for k in ("admissions", "preemptions", "decode_steps", "pages_read")}
     return engine.tokens, engine.logprobs, engine.stopped, stats

@@ -21,7 +21,7 @@ row count are agreed first, so every process runs the same programs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -101,7 +101,8 @@ def pad_prompts(prompts: Prompts, settings: SamplingSettings, vocab_size: int, b
 
 
 def generate(params: qwen.Params, cfg: qwen.QwenConfig, prompts: Prompts, rng: jax.Array, settings: SamplingSettings,
-             *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, row_seeds: Sequence[int] | None = None) -> SampleOutput:
+             *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, row_seeds: Sequence[int] | None = None,
+             interrupt: Callable[[], bool] | None = None) -> SampleOutput:
     """Sample a response for every prompt (token id lists of any lengths, or a left-padded (tokens, mask)).
 
     `rng` should be fresh per call, e.g. ``fold_step_key(base_key, step)``. With a mesh, the batch is
@@ -110,7 +111,7 @@ def generate(params: qwen.Params, cfg: qwen.QwenConfig, prompts: Prompts, rng: j
     the row count are agreed on first, so every process runs the same program).
     `row_seeds` (one int per prompt, default: the row index) key each row's randomness; give rows a
     seed of their own (e.g. a hash of example id and sample index) to make samples independent of
-    the batch layout.
+    the batch layout. `interrupt` (see engine.run) can abandon the call (engine.Interrupted).
     """
     settings.check_vocab(cfg.vocab_size)
     rows = _prompt_rows(prompts)
@@ -128,7 +129,7 @@ def generate(params: qwen.Params, cfg: qwen.QwenConfig, prompts: Prompts, rng: j
              else np.asarray(row_seeds, np.int64)) % 2**32
     layout = engine.plan(cfg, settings, rows=count, longest_prompt=longest, mesh=mesh, rules=rules)
     out_tokens, logprobs, stopped, _ = engine.run(params, cfg, rows, seeds.astype(np.uint32), rng, settings, layout,
-                                                  mesh=mesh, rules=rules)
+                                                  mesh=mesh, rules=rules, interrupt=interrupt)
     out_mask = (np.arange(r)[None, :] < np.asarray([_length(t, s, settings) for t, s in zip(out_tokens, stopped)])[:, None])
     out_mask = out_mask.astype(np.int32)
     lengths = out_mask.sum(-1).astype(np.int32)

@@ -65,10 +65,15 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         self.manager.wait_until_finished()
 
-    def restore_pending(self, step: int, template: Any) -> Any | None:
-        """The `pending` arrays saved at `step` (shaped and sharded like `template`), or None if it has none."""
-        if not (self.directory / str(step) / "pending").exists():
+    def restore_pending(self, step: int, template: dict[str, Any]) -> dict[str, Any] | None:
+        """The `pending` arrays saved at `step` (shaped and sharded like `template`'s entries), or None if it
+        has none. Only the entries the checkpoint holds are restored (older ones hold fewer)."""
+        path = self.directory / str(step) / "pending"
+        if not path.exists():
             return None
+        metadata = ocp.StandardCheckpointer().metadata(path)
+        held = set((metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata).keys())
+        template = {k: v for k, v in template.items() if k in held}
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
         return self.manager.restore(step, args=ocp.args.Composite(pending=ocp.args.StandardRestore(target)))["pending"]
 

@@ -27,6 +27,7 @@ from ruscarl_jax.scaffold.settings import STEP_RULES, ScaffoldSettings
 from ruscarl_jax.trainer.warm_start import WarmStartSettings
 
 
+PREEMPTION_GRACE_S = 25.0  # trainer.preemption_grace_s's default: a TPU VM's SIGTERM-to-kill time, less a margin
 WANDB_KEYS = ("enabled", "project", "entity", "name", "mode")
 WANDB_MODES = ("", "online", "offline", "disabled")
 
@@ -136,6 +137,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     _require(int(trainer.get("total_steps", 0)) >= 1, "trainer.total_steps", f"must be >= 1, got {trainer.get('total_steps')}")
     for key in ("checkpoint_every", "test_freq", "keep_checkpoints"):
         _require(int(trainer.get(key, 0)) >= 0, f"trainer.{key}", f"must be >= 0, got {trainer.get(key)}")
+    grace = trainer.get("preemption_grace_s", PREEMPTION_GRACE_S)
+    _require(isinstance(grace, (int, float)) and not isinstance(grace, bool) and grace > 0, "trainer.preemption_grace_s",
+             f"must be a number of seconds > 0, got {grace!r}")
 
     wandb = dict(trainer.get("wandb") or {})
     unknown = sorted(set(wandb) - set(WANDB_KEYS))
@@ -207,6 +211,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     batch_rule = dict((name, axes) for name, axes in config.get("sharding_rules", ())).get("batch", ("data", "fsdp"))
     batch_axes = [] if batch_rule is None else [batch_rule] if isinstance(batch_rule, str) else list(batch_rule)
     data_parallel = math.prod(sizes.get(a, 1) for a in batch_axes)
+    _require(data_parallel % process_count == 0, "mesh",
+             f"the data-parallel size {data_parallel} (mesh {' x '.join(f'{a}={sizes.get(a, 1)}' for a in batch_axes)}, "
+             f"the axes of the 'batch' sharding rule) is not a multiple of the {process_count} processes "
+             "(distributed.num_processes): every process must own whole data-parallel shards of the rows it samples")
     _require(batch % process_count == 0, "data.batch_size",
              f"{batch} prompts (the global batch of all processes) do not split over {process_count} processes")
     rows = batch * generations
@@ -222,8 +230,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     _require(float(grpo["temperature"]) == float(sampling.temperature), "grpo.temperature",
              f"must equal rollout.temperature={sampling.temperature} (log-probs are taken at the sampling temperature)")
     grpo_settings = _build(GRPOSettings, grpo, "grpo")
-    _require(not grpo_settings.routing_replay or num_experts > 0, "grpo.routing_replay",
-             f"needs a mixture-of-experts model ({experts_key} has no experts)")
+    for key in ("routing_replay", "routing_mismatch_metric"):
+        _require(not getattr(grpo_settings, key) or num_experts > 0, f"grpo.{key}",
+                 f"needs a mixture-of-experts model ({experts_key} has no experts)")
     try:
         grpo_settings.check_batch_size(rows)
     except ValueError as err:

@@ -33,6 +33,7 @@ from ruscarl_jax.rl.optimizer import OptimizerSettings
 from ruscarl_jax.rl.settings import GRPOSettings
 from ruscarl_jax.sampler.settings import SamplingSettings
 from ruscarl_jax.scaffold.settings import ScaffoldSettings
+from ruscarl_jax.trainer.config import PREEMPTION_GRACE_S
 from ruscarl_jax.trainer.warm_start import WarmStartSettings
 
 # fields of a settings dataclass that the trainer fills in itself (never a config key)
@@ -120,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.trainer = ml_collections.ConfigDict(dict(
         total_steps=100, checkpoint_every=50, keep_checkpoints=2, test_freq=10, overlap_judge=False,
         save_rollouts=True, tensorboard=True,
+        # SIGTERM (a TPU VM preemption): stop sampling / judging at once and save the last completed step
+        # (with the rollout already sampled) within this many seconds; a slower stop is logged as an error
+        preemption_grace_s=PREEMPTION_GRACE_S,
         plan_only=False,  # True: print the memory plan of a step on this job's devices (scripts/plan.py) and exit
         # Weights & Biases beside TensorBoard and metrics.jsonl (pip install 'ruscarl_jax[wandb]'); mode ''
         # follows WANDB_MODE, 'offline' writes workdir/wandb only (upload later with `wandb sync`)

@@ -14,13 +14,20 @@ the validation set is split across processes and its score computed over all of 
 
 Resume: a run started on a workdir that has checkpoints continues from the latest one, exactly: the
 step keys are fold_in(seed key, step), the data iterator position is restored, and the reference
-policy is rebuilt from the model source. SIGTERM finishes the current step, saves a checkpoint and
-returns, on every process at the same step (see trainer/preemption.py; a TPU VM preemption gives SIGTERM).
+policy is rebuilt from the model source.
+
+Preemption (SIGTERM, trainer.preemption_grace_s; see trainer/preemption.py): sampling and judging stop
+where they are, on every process at the same agreed point, and the last completed step is saved at
+once (if it is not saved already) with the rollout already sampled for the next step, so the resumed
+run trains exactly what the uninterrupted one would have; then the run returns (exit 0). A stop that
+lands during validation keeps the update it follows: that step is logged without its validation
+scores and saved.
 
 Overlap (trainer.overlap_judge, off by default): while the judge grades step t's responses the sampler
 already generates step t+1's from the parameters before step t's update, so step t+1 trains on
 rollouts one update stale. `judge_hidden_seconds` reports the judge time this hid. A checkpoint of
-step t also holds that pending rollout's samples, so a resumed run trains on the same stale rollout.
+step t also holds that pending rollout (samples, MoE routing, sampling time), so a resumed run trains
+on the same stale rollout and reports the same rollout throughput.
 """
 from __future__ import annotations
 
@@ -44,17 +51,20 @@ from ruscarl_jax.models import qwen
 from ruscarl_jax.models.sharding import global_to_host, host_to_global
 from ruscarl_jax.rl.optimizer import init_opt_state, make_optimizer
 from ruscarl_jax.rl.policy import qwen_policy
+from ruscarl_jax.rl.routing import experts_shape, make_routing_pass, routing_needed
 from ruscarl_jax.rl.train_step import make_grpo_step, make_reference
+from ruscarl_jax.sampler.engine import Interrupted
 from ruscarl_jax.sampler.generate import fold_step_key, generate
 from ruscarl_jax.scaffold.prompts import build_prompts, render_prompt
 from ruscarl_jax.trainer import config as config_lib
 from ruscarl_jax.trainer import distributed, snapshot
 from ruscarl_jax.trainer.checkpoint import Checkpointer
 from ruscarl_jax.trainer.metrics import RunWriter, truncate_metrics
-from ruscarl_jax.trainer.preemption import StopSignal
-from ruscarl_jax.trainer.rollout import (Rollout, across_processes, assemble, collect, log_kv_budget, rollout_from_saved,
-                                         row_seed, sample_arrays)
-from ruscarl_jax.trainer.setup import filter_long_prompts, load_data, load_policy, mesh_from_config, rules_from_config, stop_token_ids
+from ruscarl_jax.trainer.preemption import StopSignal, wait_for
+from ruscarl_jax.trainer.rollout import (Rollout, across_processes, assemble, collect, gather_records, log_kv_budget,
+                                         rollout_from_saved, row_seed, sample_arrays)
+from ruscarl_jax.trainer.setup import (filter_long_prompts, filter_long_validation, load_data, load_policy, mesh_from_config,
+                                       rules_from_config, stop_token_ids)
 
 logger = logging.getLogger("ruscarl_jax.trainer")
 
@@ -123,18 +133,30 @@ def _gather_validation(grades: list[Any], examples: list[Any], bounds: list[int]
     return out_scores, out_verdicts
 
 
-def validate_policy(params, cfg, tokenizer, examples, judge: Judge, sampling, step: int, seed: int, mesh, rules) -> dict[str, Any]:
+def validate_policy(params, cfg, tokenizer, examples, judge: Judge, sampling, step: int, seed: int, mesh, rules,
+                    stop: StopSignal | None = None, max_prompt_length: int = 0) -> dict[str, Any] | None:
     """HealthBench-style score of unscaffolded greedy/val-sampled responses on the validation set.
-    Each process samples and judges a contiguous share; the score is computed over all of them."""
+    Each process samples and judges a contiguous share; the score is computed over all of them.
+    None when `stop` agrees on a stop first. Prompts longer than max_prompt_length (> 0) keep their last
+    tokens (the load-time filter, setup.filter_long_validation, dropped them unless length_policy is
+    'truncate_left')."""
     count = jax.process_count()
     bounds = [p * len(examples) // count for p in range(count + 1)]
     mine = examples[bounds[jax.process_index()]: bounds[jax.process_index() + 1]]
     prompts = [np.asarray(tokenizer(render_prompt(tokenizer, ex.messages), add_special_tokens=False)["input_ids"], np.int32)
                for ex in mine]
-    out = generate(params, cfg, prompts, fold_step_key(jax.random.key(seed + 1), step), sampling, mesh=mesh, rules=rules,
-                   row_seeds=[row_seed(ex.id, 0) for ex in mine])
+    if max_prompt_length:
+        prompts = [ids[-max_prompt_length:] for ids in prompts]
+    try:
+        out = generate(params, cfg, prompts, fold_step_key(jax.random.key(seed + 1), step), sampling, mesh=mesh, rules=rules,
+                       row_seeds=[row_seed(ex.id, 0) for ex in mine], interrupt=None if stop is None else stop.poll)
+    except Interrupted:
+        return None
     texts = tokenizer.batch_decode([row[:n] for row, n in zip(out.tokens, out.lengths)], skip_special_tokens=True)
-    all_scores, verdicts = _gather_validation(judge.grade(list(zip(mine, texts))), examples, bounds)
+    grades = wait_for(judge.submit(list(zip(mine, texts))), stop)
+    if grades is None:
+        return None
+    all_scores, verdicts = _gather_validation(grades, examples, bounds)
     scores = [x for x in all_scores if x is not None]
     metrics = {f"val/{k}": v for k, v in scoring.summarize(scores).items()}
     for tag, s in scoring.tag_breakdown([ex.rubric for ex in examples], verdicts, prefixes=("axis:",)).items():
@@ -178,6 +200,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     val_sampling = dataclasses.replace(settings.val_sampling, stop_token_ids=stops, pad_token_id=pad)
     log_kv_budget(cfg, sampling, int(config.data.batch_size) * generations, int(config.data.max_prompt_length), mesh, rules)
     train_examples = filter_long_prompts(train_examples, config, settings.scaffold, tokenizer, generations)
+    val_examples = filter_long_validation(val_examples, config, tokenizer)
     rate_tags = met_rate_tags(train_examples, settings.judge.met_rate_tag_prefixes)  # the same list on every process
 
     data = BatchIterator(train_examples, PipelineSettings(batch_size=int(config.data.batch_size), seed=int(config.seed),  # global
@@ -185,7 +208,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     optimizer = make_optimizer(settings.optim)
     reference = make_reference(params, settings.grpo)
     opt_state = init_opt_state(optimizer, params)
-    step_fn = make_grpo_step(qwen_policy(cfg, mesh, rules), settings.grpo, optimizer)
+    policy = qwen_policy(cfg, mesh, rules)
+    step_fn = make_grpo_step(policy, settings.grpo, optimizer)
+    routing = make_routing_pass(policy, settings.grpo) if routing_needed(cfg.is_moe, settings.grpo) else None
     base_key = jax.random.key(int(config.seed))
 
     checkpoints = Checkpointer(workdir / "checkpoints", keep=int(config.trainer.keep_checkpoints) or 1,
@@ -200,17 +225,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             logger.info("checkpoint %d was written by another process layout: skipping %d batches", start, start)
             for _ in range(start):
                 next(data)
-        if overlap and start < total:
+        if start < total:  # an overlap checkpoint, or one a preemption saved, holds the next step's rollout
             saved_pending = _restore_pending(checkpoints, start, int(config.data.batch_size) * generations,
-                                             int(settings.sampling.max_new_tokens), mesh, rules)
+                                             int(settings.sampling.max_new_tokens), mesh, rules,
+                                             experts_shape(cfg, 0, 0) if routing is not None else None, overlap)
         logger.info("resumed from %s at step %d", checkpoints.directory, start)
         if jax.process_index() == 0:
             truncate_metrics(workdir, start)
     writer = RunWriter(workdir, total, start, active=jax.process_index() == 0, tensorboard=bool(config.trainer.tensorboard),
                        wandb=config_lib.wandb_options(config), run_config=config.to_dict())
     judge = Judge(settings.judge)
-    stop = StopSignal()
+    stop = StopSignal(float(config.trainer.get("preemption_grace_s", config_lib.PREEMPTION_GRACE_S)))
     stop.install()
+    val_length = int(config.data.max_prompt_length) if config.data.length_policy == "truncate_left" else 0
     group_offset = jax.process_index() * (int(config.data.batch_size) // jax.process_count())
 
     def next_rollout(step: int, saved: dict[str, np.ndarray] | None = None) -> Rollout:
@@ -221,15 +248,39 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             raise RuntimeError(f"step {step}: {prompts.num_dropped} examples exceeded data.max_prompt_length after the load-time filter")
         if saved is not None:  # the pending rollout of an overlap run, from its checkpoint
             return rollout_from_saved(step, prompts, saved, tokenizer, data.get_state())
-        return collect(step, prompts, params, cfg, tokenizer, sampling, fold_step_key(base_key, step), mesh, rules, data.get_state())
+        return collect(step, prompts, params, cfg, tokenizer, sampling, fold_step_key(base_key, step), mesh, rules,
+                       data.get_state(), routing=routing, interrupt=stop.poll)
+
+    def stopped(done: int, sampled: Rollout | None, data_state: dict[str, Any], where: str) -> None:
+        """A stop agreed mid-step: save step `done` (the last completed one; the parameters in hand are
+        its own) unless it is saved already, with `sampled` (step done+1's rollout, fully sampled) as its
+        pending rollout. Step 0 is not saved: a restart from scratch is the same run."""
+        saved = done > 0 and checkpoints.latest_step() != done
+        if saved:
+            checkpoints.save(done, {"params": params, "opt_state": opt_state}, {"step": done, "total_steps": total},
+                             _FixedState(data_state),
+                             pending=None if sampled is None else host_to_global(sample_arrays(sampled), mesh, rules))
+        what = f"step {done} saved" if saved else f"step {done} already saved" if done else "nothing to save yet"
+        stop.report(f"interrupted {where}; {what}" + (f" with step {done + 1}'s rollout" if saved and sampled else ""))
 
     last: dict[str, Any] = {}
     initial = {}  # the held-out score before training, logged with step 1 (the run summary's "before")
-    if val_examples and config.trainer.test_freq and start == 0:
-        initial = {"val/score_initial": validate_policy(params, cfg, tokenizer, val_examples, judge, val_sampling, 0,
-                                                        int(config.seed), mesh, rules)["val/score"]}
+    done_state = data.get_state()  # the data position after the last completed step
     try:
-        pending = next_rollout(start + 1, saved_pending) if start < total else None
+        if val_examples and config.trainer.test_freq and start == 0:
+            scores = validate_policy(params, cfg, tokenizer, val_examples, judge, val_sampling, 0, int(config.seed),
+                                     mesh, rules, stop, val_length)
+            if scores is None:
+                stopped(0, None, done_state, "during the initial validation")
+                return last
+            initial = {"val/score_initial": scores["val/score"]}
+        pending = None
+        if start < total:
+            try:
+                pending = next_rollout(start + 1, saved_pending)
+            except Interrupted:
+                stopped(start, None, done_state, f"while sampling step {start + 1}")
+                return last
         for step in range(start + 1, total + 1):
             rollout, pending = pending, None
             t0 = time.perf_counter()
@@ -237,9 +288,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             future = judge.submit(rollout.judge_items)
             hidden = 0.0
             if overlap and step < total:
-                pending = next_rollout(step + 1)  # sampled while the judge works, from pre-update params
+                try:
+                    pending = next_rollout(step + 1)  # sampled while the judge works, from pre-update params
+                except Interrupted:
+                    future.cancel()
+                    stopped(step - 1, rollout, done_state, f"while sampling step {step + 1} (judging step {step})")
+                    break
                 hidden = time.perf_counter() - t0
-            grades = future.result()
+            grades = wait_for(future, stop)
+            if grades is None:
+                stopped(step - 1, rollout, done_state, f"while judging step {step}")
+                break
             judge_seconds = time.perf_counter() - t0
             judge_metrics = step_telemetry(judge_counters, judge.metrics(), rollout.judge_items, grades, settings.judge,
                                            tags=rate_tags, reduce=lambda v: across_processes(v).sum(axis=0))
@@ -264,24 +323,32 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             })
             metrics.update(judge_metrics)
             if val_examples and config.trainer.test_freq and (step % int(config.trainer.test_freq) == 0 or step == total):
-                metrics.update(validate_policy(params, cfg, tokenizer, val_examples, judge, val_sampling, step,
-                                               int(config.seed), mesh, rules))
+                scores = validate_policy(params, cfg, tokenizer, val_examples, judge, val_sampling, step,
+                                         int(config.seed), mesh, rules, stop, val_length)
+                if scores is None:
+                    logger.warning("step %d: validation interrupted by a stop; the step is logged without it", step)
+                metrics.update(scores or {})
             if step == 1:
                 metrics.update(initial)
             writer.write_metrics(step, metrics)
-            if config.trainer.save_rollouts:
-                writer.write_rollouts(step, _records(rollout, grades))
+            if config.trainer.save_rollouts:  # every process's rows, in the global row order
+                writer.write_rollouts(step, gather_records(_records(rollout, grades)))
             last = {"step": step, **metrics}
-            stopping = stop.should_stop(step)  # every process, every step: the preemption sync point
+            done_state = rollout.data_state
+            stopping = stop.poll()  # every process, every step
             if checkpoints.should_save(step, total) or stopping:
                 checkpoints.save(step, {"params": params, "opt_state": opt_state},
                                  {"step": step, "total_steps": total}, _FixedState(rollout.data_state),
-                                 pending=None if pending is None else host_to_global(sample_arrays(pending.samples), mesh, rules))
+                                 pending=None if pending is None else host_to_global(sample_arrays(pending), mesh, rules))
             if stopping:
-                logger.warning("stopped by signal %d after step %d (checkpoint saved)", stop.signal, step)
+                stop.report(f"step {step} saved" + (f" with step {step + 1}'s rollout" if pending is not None else ""))
                 break
             if pending is None and step < total:
-                pending = next_rollout(step + 1)
+                try:
+                    pending = next_rollout(step + 1)
+                except Interrupted:
+                    stopped(step, None, done_state, f"while sampling step {step + 1}")
+                    break
     finally:
         stop.restore()
         writer.close()
@@ -290,18 +357,28 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     return last
 
 
-def _restore_pending(checkpoints: Checkpointer, step: int, rows: int, width: int, mesh, rules) -> dict[str, np.ndarray] | None:
-    """This process's rows of the pending rollout saved with checkpoint `step`, or None if it has none."""
+def _restore_pending(checkpoints: Checkpointer, step: int, rows: int, width: int, mesh, rules,
+                     experts: tuple[int, ...] | None, overlap: bool) -> dict[str, np.ndarray] | None:
+    """This process's rows of the pending rollout saved with checkpoint `step`, or None if it has none.
+    `experts`: the [_, L, _, K] shape of the rollout routing the run records (None: it records none)."""
     local = rows // jax.process_count()
-    template = host_to_global({"tokens": np.zeros((local, width), np.int32), "response_mask": np.zeros((local, width), np.int32),
-                               "logprobs": np.zeros((local, width), np.float32), "stopped": np.zeros((local,), np.int32)},
-                              mesh, rules)
-    saved = checkpoints.restore_pending(step, template)
+    arrays = {"tokens": np.zeros((local, width), np.int32), "response_mask": np.zeros((local, width), np.int32),
+              "logprobs": np.zeros((local, width), np.float32), "stopped": np.zeros((local,), np.int32),
+              "seconds": np.zeros((local,), np.float32)}
+    if experts is not None:
+        arrays["experts"] = np.zeros((local, experts[1], width, experts[3]), np.int32)
+    saved = checkpoints.restore_pending(step, host_to_global(arrays, mesh, rules))
     if saved is None:
-        logger.warning("checkpoint %d holds no pending rollout (saved without overlap_judge): sampling step %d "
-                       "from the restored parameters", step, step + 1)
+        if overlap:
+            logger.warning("checkpoint %d holds no pending rollout (saved without overlap_judge): sampling step %d "
+                           "from the restored parameters", step, step + 1)
         return None
-    return global_to_host(saved, mesh, rules)
+    saved = global_to_host(saved, mesh, rules)
+    if experts is not None and "experts" not in saved:
+        raise config_lib.ConfigError(f"checkpoint {step} holds a pending rollout without its MoE routing, which this run "
+                                     "records (grpo.routing_replay / grpo.routing_mismatch_metric): it was written by an "
+                                     "older version; resume from an earlier checkpoint")
+    return saved
 
 
 class _FixedState:

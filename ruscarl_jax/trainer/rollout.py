@@ -4,20 +4,26 @@
 with the judge's grades into the rows the update trains on: the TRAINING prompt (unscaffolded by
 default) left-padded to a width every process agrees on, followed by the sampled response.
 
-Mixture-of-experts policies: `collect` also records the rollout's routing (`rollout_routing`), the
-experts each response-scoring position was sent to, from a teacher-forced forward of the same
-parameters over the sampler's own rows (scaffolded prompt + sampled response). It is taken this way,
-not from inside the sampler's decode loop, so the sampler stays a pure token generator; in float32
-the teacher-forced router sees the same inputs as the decode step (up to rounding of the KV-cache
-path). The update uses it for routing replay and the routing_mismatch metric.
+Mixture-of-experts policies: when the run needs the rollout's routing (routing replay or the
+routing_mismatch metric, see `rl.routing.routing_needed`), `collect` also records it: the experts each
+response-scoring position was sent to, from a teacher-forced forward of the same parameters over the
+sampler's own rows (scaffolded prompt + sampled response), in micro-batches of the log-prob pass's size
+(`rl.routing.routing_pass`). It is taken this way, not from inside the sampler's decode loop, so the
+sampler stays a pure token generator; in float32 the teacher-forced router sees the same inputs as the
+decode step (up to rounding of the KV-cache path).
+
+A rollout already sampled can be saved with a checkpoint and rebuilt on resume (`sample_arrays` /
+`rollout_from_saved`): its samples, its routing and how long it took to sample, so the resumed step is
+the one the uninterrupted run trained and reports the same rollout time.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
+import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,7 +33,7 @@ from jax.sharding import Mesh
 
 from ruscarl_jax.data.types import Example
 from ruscarl_jax.models import qwen
-from ruscarl_jax.models.sharding import Rules, data_parallel_size, global_to_host, host_to_global
+from ruscarl_jax.models.sharding import Rules, global_to_host, host_to_global
 from ruscarl_jax.sampler import engine
 from ruscarl_jax.sampler.generate import SampleOutput, generate
 from ruscarl_jax.sampler.settings import SamplingSettings, bucket_length
@@ -53,41 +59,30 @@ class Rollout:
 
 
 def collect(step: int, prompts: PromptBatch, params: qwen.Params, cfg: qwen.QwenConfig, tokenizer: Any,
-            settings: SamplingSettings, rng: jax.Array, mesh: Mesh, rules: Rules, data_state: dict[str, Any]) -> Rollout:
-    """Sample one response per scaffolded prompt of this process."""
+            settings: SamplingSettings, rng: jax.Array, mesh: Mesh, rules: Rules, data_state: dict[str, Any], *,
+            routing: Callable[..., jax.Array] | None = None, interrupt: Callable[[], bool] | None = None) -> Rollout:
+    """Sample one response per scaffolded prompt of this process. `routing` (a jitted
+    `rl.routing.routing_pass`, MoE runs that need it) records the rollout's routing; `interrupt` is asked
+    at every engine iteration (see `generate`), and True abandons the rollout (engine.Interrupted)."""
     start = time.perf_counter()
     seeds = [row_seed(r.example_id, r.sample_index) for r in prompts.records]
     samples = generate(params, cfg, [r.sampling_ids for r in prompts.records], rng, settings, mesh=mesh, rules=rules,
-                       row_seeds=seeds)
+                       row_seeds=seeds, interrupt=interrupt)
     responses = tokenizer.batch_decode([row[: n] for row, n in zip(samples.tokens, samples.lengths)],
                                        skip_special_tokens=True)
-    experts = rollout_routing(params, cfg, samples, mesh, rules) if cfg.is_moe else None
+    experts = None if routing is None else rollout_routing(routing, params, samples, mesh, rules)
     return Rollout(step, prompts, samples, responses, time.perf_counter() - start, data_state, experts)
 
 
-@functools.lru_cache(maxsize=8)
-def _routing_fn(cfg: qwen.QwenConfig, mesh: Mesh, rules: Rules, prompt_len: int, resp_len: int) -> Any:
-    def experts(params, tokens, mask):
-        routing = qwen.forward_routed(params, cfg, tokens, mask, mesh=mesh, rules=rules)[1]
-        return routing["experts"][:, :, prompt_len - 1: prompt_len + resp_len - 1]
-    return jax.jit(experts)
-
-
-def rollout_routing(params: qwen.Params, cfg: qwen.QwenConfig, samples: SampleOutput, mesh: Mesh, rules: Rules,
-                    max_rows: int = 64) -> np.ndarray:
-    """This process's rollout routing [N, L, R, K]: the experts of the states at P-1 .. P+R-2 (the ones
-    that score response tokens 0 .. R-1), in passes of at most max_rows rows."""
+def rollout_routing(routing: Callable[..., jax.Array], params: qwen.Params, samples: SampleOutput, mesh: Mesh,
+                    rules: Rules) -> np.ndarray:
+    """This process's rollout routing [N, L, R, K] through `routing` (a jitted rl.routing.routing_pass):
+    every process's rows form one global batch, cut inside the program into log-prob-sized micro-batches."""
     tokens = np.concatenate([samples.prompt_tokens, samples.tokens], axis=1).astype(np.int32)
     mask = np.concatenate([samples.prompt_mask, samples.response_mask], axis=1).astype(np.int32)
-    n = tokens.shape[0]
-    local_dp = max(1, data_parallel_size(mesh, rules) // jax.process_count())
-    rows = next((c for c in range(min(max_rows, n), 0, -1) if n % c == 0 and c % local_dp == 0), n)
-    fn = _routing_fn(cfg, mesh, rules, samples.prompt_tokens.shape[1], samples.tokens.shape[1])
-    parts = []
-    for lo in range(0, n, rows):
-        batch = host_to_global({"tokens": tokens[lo:lo + rows], "mask": mask[lo:lo + rows]}, mesh, rules)
-        parts.append(global_to_host(fn(params, batch["tokens"], batch["mask"]), mesh, rules))
-    return np.concatenate(parts).astype(np.int32)
+    batch = host_to_global({"tokens": tokens, "mask": mask}, mesh, rules)
+    experts = routing(params, batch["tokens"], batch["mask"], response_len=samples.tokens.shape[1])
+    return np.asarray(global_to_host(experts, mesh, rules), np.int32)
 
 
 def log_kv_budget(cfg: qwen.QwenConfig, settings: SamplingSettings, rows: int, max_prompt: int, mesh: Mesh,
@@ -122,10 +117,29 @@ def across_processes(values: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(values))
 
 
+def gather_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every process's JSON records (e.g. its rollout rows), in process order: the global row order.
+    Every process must call it (a two-step all-gather: the byte lengths, then the padded bytes)."""
+    if jax.process_count() == 1:
+        return list(records)
+    blob = np.frombuffer(json.dumps(records, default=_json_scalar).encode(), np.uint8)
+    sizes = across_processes(np.asarray([blob.size], np.int64))[:, 0]
+    padded = np.zeros((int(sizes.max()),), np.uint8)
+    padded[: blob.size] = blob
+    everything = across_processes(padded)
+    return [record for p, n in enumerate(sizes) for record in json.loads(everything[p, : int(n)].tobytes())]
+
+
+def _json_scalar(value: Any) -> Any:
+    """numpy / jax scalars as Python numbers (non-finite floats pass as JSON's NaN / Infinity)."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
 def rollout_from_saved(step: int, prompts: PromptBatch, saved: dict[str, np.ndarray], tokenizer: Any,
-              data_state: dict[str, Any]) -> Rollout:
+                       data_state: dict[str, Any]) -> Rollout:
     """The rollout of `prompts` rebuilt from saved samples (`sample_arrays`) instead of sampling again:
-    how a resumed overlap run gets back the pending rollout its checkpoint holds."""
+    how a resumed run gets back the pending rollout its checkpoint holds (with its routing and its
+    sampling time when they were saved)."""
     tokens = np.asarray(saved["tokens"], np.int32)
     mask = np.asarray(saved["response_mask"], np.int32)
     n = tokens.shape[0]
@@ -139,14 +153,23 @@ def rollout_from_saved(step: int, prompts: PromptBatch, saved: dict[str, np.ndar
         finish_reason=np.where(np.asarray(saved["stopped"]) > 0, "stop", "length"), lengths=lengths,
         num_steps=int(lengths.max(initial=0)))
     responses = tokenizer.batch_decode([row[: k] for row, k in zip(tokens, lengths)], skip_special_tokens=True)
-    return Rollout(step, prompts, samples, responses, 0.0, data_state)
+    experts = np.asarray(saved["experts"], np.int32) if "experts" in saved else None
+    seconds = float(np.asarray(saved["seconds"]).max(initial=0.0)) if "seconds" in saved else 0.0
+    return Rollout(step, prompts, samples, responses, seconds, data_state, experts)
 
 
-def sample_arrays(samples: SampleOutput) -> dict[str, np.ndarray]:
-    """This process's sampled rows as arrays a checkpoint can hold (the inverse of `rollout_from_saved`)."""
-    return {"tokens": samples.tokens.astype(np.int32), "response_mask": samples.response_mask.astype(np.int32),
-            "logprobs": samples.logprobs.astype(np.float32),
-            "stopped": (np.asarray(samples.finish_reason) == "stop").astype(np.int32)}
+def sample_arrays(rollout: Rollout) -> dict[str, np.ndarray]:
+    """This process's sampled rows as arrays a checkpoint can hold (the inverse of `rollout_from_saved`):
+    samples, the routing of a MoE rollout that recorded it, and the sampling seconds (one per row, the
+    rows' only way through a row-sharded checkpoint)."""
+    samples = rollout.samples
+    out = {"tokens": samples.tokens.astype(np.int32), "response_mask": samples.response_mask.astype(np.int32),
+           "logprobs": samples.logprobs.astype(np.float32),
+           "stopped": (np.asarray(samples.finish_reason) == "stop").astype(np.int32),
+           "seconds": np.full((samples.tokens.shape[0],), rollout.seconds, np.float32)}
+    if rollout.experts is not None:
+        out["experts"] = rollout.experts.astype(np.int32)
+    return out
 
 
 def assemble(rollout: Rollout, rewards: np.ndarray, row_valid: np.ndarray, group_offset: int,

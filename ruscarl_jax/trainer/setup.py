@@ -16,7 +16,7 @@ from ruscarl_jax.data.tokenizer import build_tiny_tokenizer
 from ruscarl_jax.data.types import Example
 from ruscarl_jax.models import hf_io, qwen
 from ruscarl_jax.models.sharding import Rules, make_mesh
-from ruscarl_jax.scaffold.prompts import build_prompts
+from ruscarl_jax.scaffold.prompts import build_prompts, render_prompt
 from ruscarl_jax.scaffold.settings import ScaffoldSettings
 from ruscarl_jax.trainer.config import ConfigError, resolve_path
 from ruscarl_jax.trainer.warm_start import WarmStartSettings, build_and_save, cache_directory
@@ -129,3 +129,29 @@ def filter_long_prompts(examples: list[Example], config: ml_collections.ConfigDi
         raise ConfigError(f"config.data.max_prompt_length: all {len(examples)} training examples have prompts longer than "
                           f"{limit} tokens (the longest is the full-reveal scaffold); raise it or use length_policy='truncate_left'")
     return batch.examples
+
+
+def filter_long_validation(examples: list[Example], config: ml_collections.ConfigDict, tokenizer: Any) -> list[Example]:
+    """The validation examples whose (unscaffolded) prompt fits data.max_prompt_length, decided once at
+    load time on every process alike, before anything compiles: under length_policy 'drop' the others
+    are dropped with a warning naming them ('error': a ConfigError naming them) (an over-long prompt would otherwise stop the one process
+    that samples it while the others wait); under 'truncate_left' all are kept and validation keeps
+    each prompt's last max_prompt_length tokens, as the training prompts do."""
+    limit = int(config.data.max_prompt_length)
+    if not examples or not limit or config.data.length_policy == "truncate_left":
+        return examples
+    lengths = [len(tokenizer(render_prompt(tokenizer, ex.messages), add_special_tokens=False)["input_ids"]) for ex in examples]
+    kept = [ex for ex, n in zip(examples, lengths) if n <= limit]
+    if len(kept) < len(examples):
+        long = [(ex.id, n) for ex, n in zip(examples, lengths) if n > limit]
+        named = ", ".join(f"{i} ({n} tokens)" for i, n in long[:5]) + (", ..." if len(long) > 5 else "")
+        if config.data.length_policy == "error":
+            raise ConfigError(f"config.data.max_prompt_length: {len(long)} validation example(s) of {config.data.val_path} "
+                              f"have prompts longer than {limit} tokens (data.length_policy='error'): {named}")
+        logger.warning("dropped %d of %d validation examples whose prompts exceed data.max_prompt_length=%d "
+                       "(data.length_policy='drop'): %s", len(long), len(examples), limit, named)
+    if not kept:
+        raise ConfigError(f"config.data.max_prompt_length: all {len(examples)} validation examples ({config.data.val_path}) "
+                          f"have prompts longer than {limit} tokens; raise it, use length_policy='truncate_left' or "
+                          "set data.val_path=''")
+    return kept

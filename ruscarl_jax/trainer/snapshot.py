@@ -24,7 +24,7 @@ TOKENIZER_DIR = "tokenizer"
 RESUMABLE_KEYS: tuple[str, ...] = (
     "workdir", "distributed.", "model.checkpoint_dir",
     "trainer.total_steps", "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.test_freq",
-    "trainer.save_rollouts", "trainer.tensorboard", "trainer.compilation_cache_dir",
+    "trainer.save_rollouts", "trainer.tensorboard", "trainer.compilation_cache_dir", "trainer.preemption_grace_s",
     "judge.base_urls", "judge.api_key_env", "judge.max_concurrency", "judge.max_concurrency_per_endpoint",
     "judge.timeout_s", "judge.max_retries", "judge.backoff_base_s", "judge.backoff_max_s",
     "judge.endpoint_failures_to_down", "judge.endpoint_cooldown_s", "judge.cache_path",

@@ -23,6 +23,7 @@ from ruscarl_jax.models import hf_io, presets, qwen
 from ruscarl_jax.models.sharding import batch_sharding, data_parallel_size, make_mesh
 from ruscarl_jax.rl.optimizer import make_optimizer, opt_state_shardings
 from ruscarl_jax.rl.policy import qwen_policy
+from ruscarl_jax.rl.routing import make_routing_pass, routing_needed
 from ruscarl_jax.rl.train_step import grpo_update, rollout_logprobs
 from ruscarl_jax.sampler import engine
 from ruscarl_jax.sampler.settings import bucket_length
@@ -177,6 +178,12 @@ def plan_config(config: ml_collections.ConfigDict, target: Slice, devices: list[
         "log-probs", logprobs_fn, (params, batch), resident=resident_all - state["params"],
         analytic=resident_all + compute_copy + terms["log-prob activations"] + terms["logits chunk"])
     programs.append(logprobs)
+    if routing_needed(cfg.is_moe, g):  # MoE: the rollout's routing pass, the log-prob pass's micro-batches
+        tokens = arr((rows, prompt + response), jnp.int32)
+        routing, _ = compile_program(
+            "routing pass", make_routing_pass(policy, g), (params, tokens, tokens), resident=resident_all - state["params"],
+            static={"response_len": response}, analytic=resident_all + terms["log-prob activations"])
+        programs.append(routing)
     update_fn = jax.jit(lambda p, o, b, lp, ref, k: grpo_update(p, o, b, lp, ref, k, policy=policy, settings=g,
                                                                 optimizer=optimizer), donate_argnums=(0, 1))
     update, _ = compile_program(
