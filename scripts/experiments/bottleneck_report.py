@@ -61,8 +61,6 @@ def collect(args: Any, arms: Mapping[str, str], numerics: Mapping[str, tuple[str
         warm = json.loads((job_dir(args, (name, None, 0)) / "result.json").read_text())
         compute += warm["build_seconds"] + warm["seconds"]
         seeds = [s for s in args.seeds if all((name, arm, s) in done for arm in arms)]
-        if not seeds:
-            continue
         per_arm: dict[str, dict[int, dict]] = {arm: {} for arm in arms}
         subset: list[dict] = []
         for seed in seeds:
@@ -75,13 +73,13 @@ def collect(args: Any, arms: Mapping[str, str], numerics: Mapping[str, tuple[str
                                **{k: math.nan for k in curves.METRIC_KEYS if k != "heldout_score"}})
                 subset += curves.read_run(directory / "metrics.jsonl", arm, seed, name)
         rows += subset
-        arm_results = {arm: _arm(subset, per_arm[arm], arm, seeds) for arm in arms}
+        arm_results = {arm: _arm(subset, per_arm[arm], arm, seeds) for arm in arms} if seeds else {}
         scores = warm["scores"]
         out["numerics"][name] = {
             "description": numerics[name][0], "overrides": numerics[name][1], "seeds": seeds,
             "complete": seeds == list(args.seeds), "arms": arm_results,
             "contrasts": {f"{a} - {b}": contrast(arm_results[a]["heldout_final"], arm_results[b]["heldout_final"])
-                          for a, b in CONTRASTS},
+                          for a, b in CONTRASTS} if seeds else {},
             "warm_start": {k: warm[k] for k in ("steps", "demonstrations", "first_loss", "final_loss")} | {
                 "heldout_greedy": scores["greedy"], "train_prompts_greedy": scores["greedy_train"],
                 "heldout_full_scaffold": scores["greedy_full_scaffold"], "best_of": scores.get("best_of", {}),
@@ -91,7 +89,7 @@ def collect(args: Any, arms: Mapping[str, str], numerics: Mapping[str, tuple[str
         }
     if not out["numerics"]:
         raise RuntimeError(f"no finished runs in {args.workdir}")
-    out["steps"] = int(max(r["step"] for r in rows))
+    out["steps"] = int(max((r["step"] for r in rows), default=0))
     out["runs"] = sum(len(r["seeds"]) * len(arms) for r in out["numerics"].values())
     out["compute_minutes"] = round(compute / 60, 2)  # summed over processes
     out["wall_minutes"] = round(wall["seconds"] / 60, 2)
@@ -140,19 +138,20 @@ def render(result: Mapping[str, Any]) -> str:
              "interval], reading):", "",
              "| contrast | " + " | ".join(f"numerics {n.upper()} ({len(result['numerics'][n]['seeds'])} seeds)"
                                          for n in names) + " |", "|---|" + "---|" * len(names)]
-    for key in result["numerics"][names[0]]["contrasts"]:
-        a, b = key.split(" - ")
+    for a, b in CONTRASTS:
+        key = f"{a} - {b}"
         cells = [f"{_ci(result['numerics'][n]['contrasts'][key])} {result['numerics'][n]['contrasts'][key]['verdict']}"
-                 for n in names]
+                 if key in result["numerics"][n]["contrasts"] else "no runs yet" for n in names]
         lines.append(f"| {labels[a]} − {labels[b]} | " + " | ".join(cells) + " |")
     for n in names:
         r = result["numerics"][n]
         w = r["warm_start"]
-        ks = list(next(iter(r["arms"].values()))["best_of"])
+        ks = list(w["best_of"])
         head = ["arm", "held-out, final (greedy) [primary]", "training prompts, final", "held-out, all criteria shown",
                 "unscaffolded training reward, last 10 steps", "KL, final step", "KL, last 10 steps"]
         head += [f"best-of-{k}" for k in ks]
-        lines += ["", f"**Numerics {r['description']}.** Mean ± std over {len(r['seeds'])} seeds.", "",
+        lines += ["", f"**Numerics {r['description']}.** Mean ± std over {len(r['seeds'])} seeds"
+                  + (" (no run finished yet: the warm start only)." if not r["seeds"] else "."), "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
                   "| warm start | " + " | ".join([f"{w['heldout_greedy']:.3f}", f"{w['train_prompts_greedy']:.3f}",
                                                   f"{w['heldout_full_scaffold']:.3f}", "", "", ""]
