@@ -1,6 +1,7 @@
 """The kind-rubric task (synthetic.py) and its bottleneck structure, the shipped data/tiny files, the
-trainer's SFT warm start (demonstrations, batch layout, cache), the experiment's curve aggregation and
-results JSON, and the run summary."""
+trainer's SFT warm start (demonstrations, batch layout, cache), the experiment's curve aggregation, its
+bootstrap intervals (against SciPy's), rare-word counts, job order, the results JSON and the doc block
+rendered from it, and the run summary. None of it runs the experiment."""
 import json
 import math
 import pathlib
@@ -21,7 +22,10 @@ from ruscarl_jax.trainer.warm_start import demonstration_pairs, load_demonstrati
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts" / "experiments"))
+import bottleneck_eval  # noqa: E402
+import bottleneck_report  # noqa: E402
 import curves  # noqa: E402
+import exploration_bottleneck  # noqa: E402
 
 
 def _words(text):
@@ -175,12 +179,16 @@ def test_curves_over_seeds_and_csv(tmp_path):
         lines = [{"step": s, "reward_mean": r, "reward_unscaffolded_mean": "nan", **({"val/score": v} if v is not None else {})}
                  for s, r, v in records]
         path.write_text("\n".join(__import__("json").dumps(x) for x in lines) + "\n")
-        rows += curves.read_run(path, "arm", seed)
+        rows += curves.read_run(path, "arm", seed, "a")
     c = curves.over_seeds(rows, "arm", "heldout_score")
     assert c["steps"].tolist() == [2, 4] and c["num_seeds"] == 2
     np.testing.assert_allclose(c["mean"], [0.4, 0.8])
     np.testing.assert_allclose(c["min"], [0.3, 0.7])
     np.testing.assert_allclose(c["max"], [0.5, 0.9])
+    # two seeds: a resample's mean is one of min, mean, max; the 95% band spans min..max
+    np.testing.assert_allclose(c["lo"], [0.3, 0.7])
+    np.testing.assert_allclose(c["hi"], [0.5, 0.9])
+    assert {r["numerics"] for r in rows} == {"a"}
     assert curves.final_values(rows, "arm", "heldout_score") == {0: 0.7, 1: 0.9}
     assert curves.last_window_mean(rows, "arm", "train_reward", 2) == pytest.approx({0: 0.4, 1: 0.3})
     assert curves.over_seeds(rows, "arm", "train_reward_unscaffolded")["num_seeds"] == 0  # "nan" strings
@@ -197,6 +205,60 @@ def test_curves_over_seeds_and_csv(tmp_path):
     bad.write_text('{"step": 1}\n{"reward_mean": 2}\n')
     with pytest.raises(ValueError, match="bad.jsonl, line 2"):
         curves.read_run(bad, "arm", 0)
+
+
+def test_bootstrap_interval_matches_scipy():
+    from scipy import stats
+
+    x = np.random.default_rng(3).normal(0.2, 0.15, size=20)
+    ours = curves.bootstrap_ci(x, 10_000, seed=0)
+    ref = stats.bootstrap((x,), np.mean, n_resamples=10_000, method="percentile", confidence_level=0.95,
+                          random_state=np.random.default_rng(1)).confidence_interval
+    assert ours == pytest.approx((ref.low, ref.high), abs=0.01)  # two Monte Carlo estimates of one interval
+    assert ours[0] < x.mean() < ours[1]
+    assert curves.bootstrap_ci([0.25] * 20) == (0.25, 0.25)
+
+
+@pytest.mark.parametrize("shift, verdict", [(0.3, "beats"), (-0.3, "loses"), (0.0, "inconclusive")])
+def test_contrast_is_paired_by_seed(shift, verdict):
+    base = np.random.default_rng(0).uniform(0.2, 0.6, size=20)
+    noise = np.random.default_rng(1).normal(0, 0.05, size=20)
+    c = bottleneck_report.contrast(base + shift + noise, base)
+    assert c["verdict"] == verdict and c["mean"] == pytest.approx(shift + noise.mean())
+    np.testing.assert_allclose(c["differences"], shift + noise)
+    assert c["ci95"][0] < c["mean"] < c["ci95"][1]
+
+
+def test_rare_words_per_kind():
+    val = synthetic.make_examples(32, 0, held_out=True)
+    words = {bottleneck_eval.kind_of(ex): [i.tag_value("parameters") for i in ex.rubric[:2]] for ex in val}
+    poem, story = words["poem"], words["story"]
+    answers = []
+    for ex in val:
+        kind = bottleneck_eval.kind_of(ex)
+        answers.append({"poem": f"Notes: {poem[0]} {poem[1]}", "story": f"Notes: {story[0]} {poem[0]}",
+                        "letter": "Notes: pebble", "riddle": "Notes: pebble"}[kind])
+    out = bottleneck_eval.rare_words(val, answers)
+    assert out["poem"] == {"both": 1.0, "any": 1.0, "other_kind": 0.0, "prompts": 8}
+    assert out["story"] == {"both": 0.0, "any": 1.0, "other_kind": 1.0, "prompts": 8}
+    assert out["letter"] == out["riddle"] == {"both": 0.0, "any": 0.0, "other_kind": 0.0, "prompts": 8}
+
+
+def test_workers_build_both_warm_starts_then_share_the_first_numerics():
+    args = exploration_bottleneck.parse_args(["--seeds", "0-1"])
+    assert args.seeds == [0, 1] and args.numerics == ["a", "b"]
+    for worker, first in ((0, "a"), (1, "b")):
+        order = exploration_bottleneck.jobs(args, first)
+        assert order[0] == (first, None, 0)
+        assert order[1 if first == "a" else 2][0] == "a"
+        runs = [j for j in order if j[1]]
+        assert runs[:6] == [("a", arm, s) for s in (0, 1) for arm in exploration_bottleneck.ARMS]
+        assert sorted(set(order), key=order.index) == sorted(set(exploration_bottleneck.jobs(args)), key=order.index)
+    c = exploration_bottleneck.run_config("b", "plain_grpo", 3, args)
+    assert c.warm_start.micro_batch_size == 32 and c.rollout.engine.schedule == "static" and c.seed == 3
+    assert c.scaffold.rule == "binary" and c.scaffold.full_reveal_count == 0
+    a = exploration_bottleneck.run_config("a", "ruscarl", 3, args)
+    assert a.warm_start.micro_batch_size == 64 and a.rollout.engine.schedule == "continuous"
 
 
 def test_run_summary(tmp_path):
@@ -225,15 +287,72 @@ def test_run_summary(tmp_path):
 
 def test_results_json_matches_the_doc():
     data = json.loads((ROOT / "docs" / "exploration_bottleneck.json").read_text())
-    doc = (ROOT / "docs" / "exploration_bottleneck.md").read_text()
-    assert set(data["arms"]) == {"plain_grpo", "ruscarl", "ruscarl_no_step_decay"}
-    assert data["primary_measure"]
-    for arm, values in data["arms"].items():
-        finals = values["heldout_final"]
-        assert len(finals) == 5 and all(isinstance(v, float) and -1 <= v <= 1 for v in finals)
-        cell = f"{np.mean(finals):.3f} ± {np.std(finals):.3f} [{', '.join(f'{v:.2f}' for v in finals)}]"
-        assert cell in doc, arm
-    assert set(data["base_rates"]) == {"rare_word", "avoid_word", "format"}
-    for kind, rates in data["base_rates"].items():
-        assert set(rates) == {"unscaffolded", "scaffolded"}
-        assert f"{kind}: {rates['unscaffolded']:.4f} without a scaffold, {rates['scaffolded']:.4f}" in doc
+    assert "a" in data["numerics"] and set(data["numerics"]) <= {"a", "b"} and data["primary_measure"] and data["criterion"]
+    for numerics in data["numerics"].values():
+        arms = numerics["arms"]
+        assert set(arms) == {"plain_grpo", "ruscarl", "ruscarl_no_step_decay"}
+        for values in arms.values():
+            finals = values["heldout_final"]
+            assert values["seeds"] == numerics["seeds"] and len(finals) == len(numerics["seeds"])
+            assert all(isinstance(v, float) and -1 <= v <= 1 for v in finals)
+        for key, c in numerics["contrasts"].items():  # recomputed from the per-seed values
+            a, b = key.split(" - ")
+            assert c == bottleneck_report.contrast(arms[a]["heldout_final"], arms[b]["heldout_final"])
+        assert set(numerics["base_rates"]) == {"rare_word", "avoid_word", "format"}
+        assert numerics["complete"] == (numerics["seeds"] == data["seeds"])
+    block = bottleneck_report.block_of(ROOT / "docs" / "exploration_bottleneck.md", "exploration_bottleneck")
+    assert block == bottleneck_report.render(data)  # the doc's results are generated from the JSON alone
+
+
+def _fake_result(score, seed):
+    kinds = {k: {"both": score, "any": min(1.0, 2 * score), "other_kind": 0.0, "prompts": 8} for k in synthetic.KINDS}
+    return {"greedy": score, "greedy_answers": ["Notes: a", f"Notes: {seed}"], "rare_words": kinds, "greedy_train": score,
+            "greedy_full_scaffold": 0.6, "best_of": {"1": score, "2": score + 0.01}, "seconds": 10.0}
+
+
+def test_collect_and_render_from_run_directories(tmp_path):
+    """The results JSON from fake finished runs (one run missing: its seed is left out everywhere, and the
+    verdict waits), its contrasts from the per-seed finals, and the block and the plot drawn from it."""
+    args = exploration_bottleneck.parse_args(["--seeds", "0-3", "--workdir", str(tmp_path)])
+    arms = exploration_bottleneck.ARMS
+    finals = {"plain_grpo": [0.3, 0.29, 0.35, 0.3], "ruscarl": [0.6, 0.5, 0.7, 0.55], "ruscarl_no_step_decay": [0.4, 0.3, 0.5, 0.45]}
+    for job in exploration_bottleneck.jobs(args):
+        numerics, arm, seed = job
+        d = exploration_bottleneck.job_dir(args, job)
+        d.mkdir(parents=True)
+        if arm is None:
+            warm = {"steps": 600, "demonstrations": 2048, "first_loss": 6.6, "final_loss": 1.5, "build_seconds": 50.0,
+                    "seconds": 20.0, "scores": _fake_result(0.286, 0), "base_rates": {
+                        k: {"unscaffolded": 0.01, "scaffolded": 0.3} for k in ("rare_word", "avoid_word", "format")}}
+            warm["base_rates"]["_samples"] = {"unscaffolded": 2048, "scaffolded": 2048}
+            (d / "result.json").write_text(json.dumps(warm))
+            continue
+        if (numerics, arm, seed) == ("b", "ruscarl", 3):
+            continue  # not finished
+        final = finals[arm][seed] + (0.01 if numerics == "b" else 0.0)
+        (d / "result.json").write_text(json.dumps(_fake_result(final, seed)))
+        lines = [{"step": s, "reward_mean": 0.3, "reward_unscaffolded_mean": 0.2 + s / 100,
+                  "reward_scaffolded_mean": 0.5 if s < 3 else "nan", "kl": 0.1 * s, "scaffolded_fraction": 0.5,
+                  **({"val/score": final} if s == 4 else {})} for s in range(1, 5)]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    wall = {"seconds": 600.0, "invocations": [{"seconds": 600.0, "workers": 2, "load_before": [5.0], "load_after": [6.0],
+                                                "cpu_count": 2}]}
+    result, rows = bottleneck_report.collect(args, arms, exploration_bottleneck.NUMERICS, exploration_bottleneck.jobs(args),
+                                             exploration_bottleneck.job_dir, wall)
+    a, b = result["numerics"]["a"], result["numerics"]["b"]
+    assert a["seeds"] == [0, 1, 2, 3] and a["complete"] and b["seeds"] == [0, 1, 2] and not b["complete"]
+    assert a["arms"]["ruscarl"]["heldout_final"] == finals["ruscarl"]
+    assert a["arms"]["ruscarl"]["kl_final"] == pytest.approx([0.4] * 4)
+    d = np.subtract(finals["ruscarl"], finals["plain_grpo"])
+    assert a["contrasts"]["ruscarl - plain_grpo"]["mean"] == pytest.approx(d.mean())
+    assert a["contrasts"]["ruscarl - plain_grpo"]["verdict"] == "beats"
+    assert result["verdict"] == {"primary": "beats", "numerics": "a", "others": ["incomplete"], "robust_to_numerics": False}
+    assert result["runs"] == 12 + 9
+    block = bottleneck_report.render(json.loads(json.dumps(result)))  # from the JSON as written
+    assert "Pre-registered verdict: RuscaRL beats plain GRPO" in block and "is incomplete" in block
+    assert f"{d.mean():+.3f}" in block and "numerics B (3 seeds)" in block
+    curves.plot(rows, list(arms), arms, tmp_path / "c.png", numerics={"a": "A", "b": "B"})
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    doc = tmp_path / "doc.md"
+    doc.write_text("x\n<!-- results:n:begin -->\nold\n<!-- results:n:end -->\ny\n")
+    assert bottleneck_report.write_block(block, doc, "n") and bottleneck_report.block_of(doc, "n") == block

@@ -1,6 +1,7 @@
 """A one-screen summary of a training run, read from its metrics.jsonl: rewards of scaffolded and
-unscaffolded rollouts at the start and the end, the held-out score before and after, KL, and where
-the curves are (with a text sparkline of each)."""
+unscaffolded rollouts at the start and the end (scaffolded: the prompt showed at least one criterion),
+the fraction of rows so scaffolded, the held-out score before and after, KL, and where the curves are
+(with a text sparkline of each)."""
 from __future__ import annotations
 
 import json
@@ -62,6 +63,7 @@ def summarize(workdir: str | os.PathLike, window: int = 10) -> str:
     lines = [f"run summary: {len(records)} steps (up to step {records[-1]['step']}) in {workdir}"]
     rows = [("reward, scaffolded rollouts", "reward_scaffolded_mean"),
             ("reward, unscaffolded rollouts", "reward_unscaffolded_mean"),
+            ("rows shown >= 1 criterion", "scaffolded_fraction"),
             ("KL to the reference policy", "kl")]
     lines.append(f"  {'':32s}{'first ' + str(window):>10s}{'last ' + str(window):>10s}   curve (rewards and scores on 0..1)")
     for label, key in rows:
@@ -69,6 +71,9 @@ def summarize(workdir: str | os.PathLike, window: int = 10) -> str:
         if pairs:
             lines.append(f"  {label:32s}{_mean(pairs[:window]):10.3f}{_mean(pairs[-window:]):10.3f}   "
                          f"{sparkline([v for _, v in pairs], **({} if key == 'kl' else {'lo': 0.0, 'hi': 1.0}))}")
+    if _values(records, "reward_scaffolded_mean") and not _values(records, "scaffolded_fraction"):
+        lines.append("  (logged by an older trainer: there 'scaffolded' meant reveal ratio > 0, which includes rows "
+                     "shown no criterion)")
     val = _values(records, "val/score")
     before = _values(records, "val/score_initial")
     if val:

@@ -46,7 +46,7 @@ class GRPOSettings:
     rollout_rs: 'none' | 'sequence' (ratio exp(sum_t log r)) | 'geometric' (exp(mean_t log r)): rows whose
         sequence ratio leaves [rollout_rs_threshold_lower, rollout_rs_threshold] leave the loss
         (verl rollout_rs); the lower bound defaults to 1 / upper.
-    rollout_correction_scope: 'scaffolded' (rows sampled with a scaffold, ratio > 0) or 'all' rows.
+    rollout_correction_scope: 'scaffolded' (rows whose sampling prompt showed at least one criterion) or 'all' rows.
     gap_thresholds: |log-ratio| thresholds of the gap metrics' "fraction of tokens beyond" entries.
     Group filters: filter_zero_std_groups drops groups whose rewards all agree from the loss (they carry
     no GRPO signal; DAPO's dynamic-sampling filter without the resampling); mask_truncated drops responses

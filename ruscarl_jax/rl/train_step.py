@@ -15,8 +15,8 @@ Rollout batch (dict of arrays, N = B * G rows, prompt P left-padded, response R 
 input_ids int [N, P+R], attention_mask [N, P+R], response_mask [N, R] (1 up to and including the
 stop token), rewards [N], group_ids int [N]; optional row_valid [N] (alias sample_weight): rows
 with 0 leave the group statistics and the loss. Optional, from the rollout: rollout_logprobs [N, R]
-(the sampler's log-probs, under the scaffolded prompt), scaffolded [N] (1: sampled with reveal ratio
-> 0) and truncated [N] (1: finish reason 'length'); with them the update reports the scaffold gap
+(the sampler's log-probs, under the scaffolded prompt), scaffolded [N] (1: the sampling prompt
+showed at least one criterion) and truncated [N] (1: finish reason 'length'); with them the update reports the scaffold gap
 (`rollout_correction`) and can apply the corrections and filters of `GRPOSettings`.
 
 Mixture-of-experts policies (``Policy.routed``): optional rollout_experts int [N, L, R, K], the

@@ -28,6 +28,12 @@ class ScaffoldPlan:
     system_message: str | None
     messages: tuple[Message, ...]
 
+    @property
+    def num_shown(self) -> int:
+        """How many criteria this sample is shown: round(N * ratio) can be 0 for a ratio > 0, so
+        "scaffolded" means num_shown > 0, never ratio > 0."""
+        return len(self.shown_indices)
+
     def to_json(self) -> dict:
         return {"example_id": self.example_id, "sample_index": self.sample_index, "ratio": self.ratio,
                 "shown_indices": list(self.shown_indices), "system_message": self.system_message}

@@ -54,6 +54,11 @@ class PromptRecord:
     def example_id(self) -> str:
         return self.example.id
 
+    @property
+    def num_shown(self) -> int:
+        """How many criteria the sampling prompt shows (0: unscaffolded, whatever the ratio)."""
+        return len(self.shown_indices)
+
 
 @dataclasses.dataclass(frozen=True)
 class PromptBatch:

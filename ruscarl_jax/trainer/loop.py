@@ -85,11 +85,12 @@ def _rewards(grades: list[Any], generations: int, policy: str) -> tuple[np.ndarr
 
 
 def _rollout_metrics(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Reward / ratio / length statistics over the GLOBAL batch (works across hosts)."""
+    """Reward / ratio / length statistics over the GLOBAL batch (works across hosts). A row counts as
+    scaffolded when its prompt showed at least one criterion (`scaffolded`), not when its ratio is > 0."""
     valid = batch["row_valid"]
     r = batch["rewards"]
-    scaffolded = (batch["ratio"] > 0) * valid
-    plain = (batch["ratio"] <= 0) * valid
+    scaffolded = (batch["scaffolded"] > 0) * valid
+    plain = (batch["scaffolded"] <= 0) * valid
 
     def mean(x, w):
         return jnp.sum(x * w) / jnp.maximum(jnp.sum(w), 1.0)
@@ -100,6 +101,8 @@ def _rollout_metrics(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         "reward_scaffolded_mean": jnp.where(scaffolded.sum() > 0, mean(r, scaffolded), jnp.nan),
         "reward_unscaffolded_mean": jnp.where(plain.sum() > 0, mean(r, plain), jnp.nan),
         "reveal_ratio_mean": jnp.mean(batch["ratio"]),
+        "shown_criteria_mean": jnp.mean(batch["shown"]),
+        "scaffolded_fraction": jnp.mean(batch["scaffolded"]),
         "response_length_mean": jnp.mean(batch["response_mask"].sum(axis=1).astype(jnp.float32)),
         "rows_valid_fraction": jnp.mean(valid),
     }
@@ -306,10 +309,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             local = assemble(rollout, rewards, valid, group_offset, pad, sampling.prompt_bucket_min)
             batch = host_to_global(local, mesh, rules)
             t1 = time.perf_counter()
-            ratio = batch.pop("ratio")
+            shown = {k: batch.pop(k) for k in ("ratio", "shown")}  # for the metrics only
             params, opt_state, update_metrics = step_fn(params, opt_state, batch, fold_step_key(jax.random.key(int(config.seed) + 2), step), reference)
             metrics = {k: float(v) for k, v in {**jax.device_get(update_metrics),
-                                                 **jax.device_get(jax.jit(_rollout_metrics)({**batch, "ratio": ratio}))}.items()}
+                                                 **jax.device_get(jax.jit(_rollout_metrics)({**batch, **shown}))}.items()}
             update_seconds = time.perf_counter() - t1
             # counts over all processes; the rollout took as long as its slowest process
             counts = across_processes(np.asarray([np.sum(rollout.samples.lengths), ungraded, np.sum(valid == 0),

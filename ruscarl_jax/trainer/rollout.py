@@ -175,9 +175,10 @@ def sample_arrays(rollout: Rollout) -> dict[str, np.ndarray]:
 def assemble(rollout: Rollout, rewards: np.ndarray, row_valid: np.ndarray, group_offset: int,
              pad_token_id: int, bucket_min: int = 64) -> dict[str, np.ndarray]:
     """This process's training rows: input_ids / attention_mask [N, P+R], response_mask [N, R],
-    rewards, group_ids (globally unique: offset by this process's first group), row_valid, ratio, and for
-    the scaffold gap and the group filters: rollout_logprobs [N, R] (the sampler's, under the scaffolded
-    prompt), scaffolded (1 where the reveal ratio is > 0, as in the reward_scaffolded_mean metric),
+    rewards, group_ids (globally unique: offset by this process's first group), row_valid, ratio and
+    shown (the number of criteria the sampling prompt showed; both for the metrics only), and for the
+    scaffold gap and the group filters: rollout_logprobs [N, R] (the sampler's, under the scaffolded
+    prompt), scaffolded (1 where at least one criterion was shown: a small ratio > 0 can show none),
     truncated (finish reason 'length')."""
     records = rollout.prompts.records
     g = rollout.prompts.num_generations
@@ -198,8 +199,9 @@ def assemble(rollout: Rollout, rewards: np.ndarray, row_valid: np.ndarray, group
         "group_ids": (group_offset + np.arange(n) // g).astype(np.int32),
         "row_valid": row_valid.astype(np.float32),
         "ratio": np.asarray([r.ratio for r in records], np.float32),
+        "shown": np.asarray([r.num_shown for r in records], np.float32),
         "rollout_logprobs": np.where(response_mask > 0, rollout.samples.logprobs, 0.0).astype(np.float32),
-        "scaffolded": np.asarray([r.ratio > 0 for r in records], np.float32),
+        "scaffolded": np.asarray([r.num_shown > 0 for r in records], np.float32),
         "truncated": (np.asarray(rollout.samples.finish_reason) == "length").astype(np.float32),
         **({} if rollout.experts is None else {"rollout_experts": rollout.experts}),
     }
