@@ -94,6 +94,7 @@ INFRASTRUCTURE: dict[str, Any] = {
     "grpo.rollout_is_threshold": 2.0, "grpo.rollout_rs_threshold": 2.0, "grpo.rollout_rs_threshold_lower": None,
     "grpo.rollout_correction_scope": "scaffolded", "grpo.gap_thresholds": (0.1, 1.0),
     "grpo.router_aux_loss_coef": 0.0, "grpo.routing_replay": False,
+    "grpo.routing_mismatch_metric": False,  # no MoE routing metric in the reference (verl); off: no extra forward
     "judge.base_urls": (), "judge.model": "", "judge.api_key_env": "RUSCARL_JUDGE_API_KEY",
     "judge.max_concurrency": 512, "judge.max_concurrency_per_endpoint": 256, "judge.timeout_s": 180.0,
     "judge.max_retries": 6, "judge.backoff_base_s": 0.5, "judge.backoff_max_s": 30.0, "judge.cache_path": None,
@@ -102,6 +103,7 @@ INFRASTRUCTURE: dict[str, Any] = {
     "judge.met_rate_tag_prefixes": ("axis:",),
     "trainer.checkpoint_every": 25, "trainer.keep_checkpoints": 3, "trainer.overlap_judge": False,
     "trainer.save_rollouts": True, "trainer.tensorboard": True, "trainer.plan_only": False,
+    "trainer.preemption_grace_s": 25.0,  # ours (the reference has no preemption handling): a TPU VM's notice, less a margin
     "trainer.wandb.enabled": False, "trainer.wandb.project": "ruscarl_jax", "trainer.wandb.entity": "",
     "trainer.wandb.name": "", "trainer.wandb.mode": "",
     "trainer.compilation_cache_dir": "~/.cache/ruscarl_jax/xla",
