@@ -69,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
         norm_adv_by_std=True, ppo_mini_batch_size=32, ppo_micro_batch_size=32, ppo_epochs=1,
         logprob_micro_batch_size=placeholder(int),  # None: the ppo_micro_batch_size
         logprob_chunk_size=16, compute_dtype="float32",
+        # packing (rl/packing.py): tokens per data-parallel shard in a packed micro-batch of the update and of
+        # the log-prob pass; None = micro-batches of ppo_micro_batch_size padded rows
+        micro_token_budget=placeholder(int), logprob_token_budget=placeholder(int),
         # scaffold gap corrections (off = the reference): rollout_is 'none'|'token' (truncated IS at
         # rollout_is_threshold); rollout_rs 'none'|'sequence'|'geometric' (reject rows whose ratio leaves
         # [rollout_rs_threshold_lower or 1/upper, rollout_rs_threshold]); scope 'scaffolded'|'all'
