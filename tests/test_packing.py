@@ -171,3 +171,22 @@ def test_bad_packing_inputs_are_named():
         make_grpo_step(TOY_POLICY, dataclasses.replace(BASE, micro_token_budget=16), make_optimizer(SMOOTH_ADAM))
     with pytest.raises(ValueError, match="logprob_token_budget"):
         GRPOSettings(logprob_token_budget=64)
+
+
+def test_config_budget_below_the_longest_row_and_moe_are_named():
+    from configs import qwen7b, tiny, tiny_moe
+    from ruscarl_jax.trainer.config import ConfigError, validate
+
+    c = tiny.get_config()
+    c.grpo.micro_token_budget = 8
+    with pytest.raises(ConfigError, match=r"config.grpo.micro_token_budget: 8 tokens per packed buffer is below the longest row"):
+        validate(c, num_devices=1, process_count=1, check_paths=False)
+    c.grpo.micro_token_budget, c.grpo.logprob_token_budget = 4096, 9
+    with pytest.raises(ConfigError, match="config.grpo.logprob_token_budget: 9 tokens"):
+        validate(c, num_devices=1, process_count=1, check_paths=False)
+    m = tiny_moe.get_config()
+    m.grpo.micro_token_budget = 4096
+    with pytest.raises(ConfigError, match="packing runs dense models"):
+        validate(m, num_devices=2, process_count=1, check_paths=False)
+    shipped = validate(qwen7b.get_config(), num_devices=32, process_count=1, check_paths=False)
+    assert shipped.grpo.packed and shipped.grpo.micro_token_budget == 8192
