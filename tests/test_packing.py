@@ -190,3 +190,6 @@ def test_config_budget_below_the_longest_row_and_moe_are_named():
         validate(m, num_devices=2, process_count=1, check_paths=False)
     shipped = validate(qwen7b.get_config(), num_devices=32, process_count=1, check_paths=False)
     assert shipped.grpo.packed and shipped.grpo.micro_token_budget == 8192
+    from configs import qwen3_30b_a3b
+
+    assert not validate(qwen3_30b_a3b.get_config(), num_devices=64, process_count=1, check_paths=False).grpo.packed
