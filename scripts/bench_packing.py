@@ -53,6 +53,33 @@ def skewed_batch(rows: int, prompt: int, response: int, short_max: int, tail: fl
             "rewards": rng.random(rows).astype(np.float32), "group_ids": np.arange(rows) // 8}
 
 
+def fractions(args: argparse.Namespace) -> None:
+    """Real tokens over computed tokens of the update, unpacked (every row at P + R, micro-batches of --micro
+    rows) and packed (the update's own packing of each minibatch into --dp buffers of --budget tokens per
+    micro-batch; empty micro-batches skipped)."""
+    from ruscarl_jax.rl import packing
+
+    width = args.prompt_len + args.response_len
+    budget = args.budget or width
+    batch = skewed_batch(args.rows, args.prompt_len, args.response_len, args.short_max, args.tail, 1000)
+    lengths = batch["attention_mask"].sum(-1)
+    resp = batch["response_mask"].sum(-1)
+    minibatch = args.minibatch or args.rows
+    computed = 0
+    for start in range(0, args.rows, minibatch):
+        mask = jnp.asarray(batch["attention_mask"][start:start + minibatch])
+        nb = packing.num_buffers(minibatch, args.dp)
+        lay = packing.layout(mask, jnp.ones(minibatch, bool), nb, budget)
+        used = np.unique(np.asarray(lay.buffer)[np.asarray(lay.buffer) >= 0] // args.dp)
+        computed += len(used) * args.dp * budget
+    print(f"batch: {args.rows} rows, prompts uniform(32, {args.prompt_len}) left-padded to {args.prompt_len}, responses "
+          f"padded to {args.response_len}: {int((resp == args.response_len).sum())} at the limit, the rest uniform(16, "
+          f"{args.short_max}) (median {int(np.median(resp))}, mean {resp.mean():.0f}); real tokens {int(lengths.sum())}")
+    print(f"unpacked: real-token fraction {lengths.sum() / (args.rows * width):.3f} ({args.rows} x {width} computed)")
+    print(f"packed:   real-token fraction {lengths.sum() / computed:.3f} ({computed} computed: minibatches of {minibatch} "
+          f"rows, micro-batches of {args.dp} x {budget} tokens)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=32)
@@ -63,7 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--micro", type=int, default=4, help="rows per unpacked micro-batch")
     p.add_argument("--budget", type=int, default=0, help="tokens per packed buffer (default: the row width)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--fraction-only", action="store_true",
+                   help="only the real-token fractions (the packing of the update's minibatches; no model, no timing)")
+    p.add_argument("--minibatch", type=int, default=0, help="rows per minibatch (default: all rows)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel devices (buffers per packed micro-batch)")
     args = p.parse_args(argv)
+    if args.fraction_only:
+        return fractions(args)
 
     cfg = QwenConfig(vocab_size=8192, hidden_size=256, intermediate_size=704, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=64)
