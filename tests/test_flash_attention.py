@@ -127,3 +127,36 @@ def test_tpu_training_forward_backward_holds_mosaic_kernel_and_no_scores(v5p_dev
     assert hlo.count('custom_call_target="tpu_custom_call"') >= 3
     assert "splash" in hlo
     assert "2048,2048" not in hlo  # no [.., T, T] buffer anywhere in the program
+
+
+def test_tpu_packed_update_and_log_probs_hold_mosaic_kernels(v5p_devices):
+    """The packed GRPO update and log-prob pass of a small Qwen, compiled for a v5p-8 mesh: splash kernels in
+    both (forward; forward + backward in the update) and no [T, T] buffer for the 1024-token packed buffers."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from ruscarl_jax.rl.optimizer import OptimizerSettings, make_optimizer
+    from ruscarl_jax.rl.policy import qwen_policy
+    from ruscarl_jax.rl.settings import GRPOSettings
+    from ruscarl_jax.rl.train_step import grpo_update, rollout_logprobs
+
+    mesh = make_mesh({"fsdp": -1}, v5p_devices)
+    cfg = qwen.QwenConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=128, dtype="bfloat16", remat="full")
+    policy = qwen_policy(cfg, mesh)
+    settings = GRPOSettings(ppo_mini_batch_size=8, ppo_micro_batch_size=4, micro_token_budget=1024, use_kl_loss=False)
+    optimizer = make_optimizer(OptimizerSettings(learning_rate=1e-5))
+    shardings = qwen.param_shardings(cfg, mesh)
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), qwen.param_shapes(cfg), shardings)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    rows = lambda *shape, dt=jnp.int32: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, PartitionSpec("fsdp")))  # noqa: E731
+    batch = {"input_ids": rows(8, 1024), "attention_mask": rows(8, 1024), "response_mask": rows(8, 512),
+             "rewards": rows(8, dt=jnp.float32), "group_ids": rows(8)}
+    old = rows(8, 512, dt=jnp.float32)
+    lp = jax.jit(lambda p, b: rollout_logprobs(p, b, policy=policy, settings=settings)).lower(params, batch).compile()
+    update = jax.jit(lambda p, o, b, lp, k: grpo_update(p, o, b, lp, None, k, policy=policy, settings=settings,
+                                                        optimizer=optimizer))
+    up = update.lower(params, opt_state, batch, old, jax.ShapeDtypeStruct((), jax.random.key(0).dtype)).compile()
+    for compiled, kernels in ((lp, 1), (up, 3)):
+        hlo = compiled.as_text()
+        assert hlo.count('custom_call_target="tpu_custom_call"') >= kernels and "splash" in hlo
+        assert "1024,1024" not in hlo
