@@ -32,5 +32,9 @@ def get_config():
     c.sharding_rules = rows_over_expert(c.sharding_rules)
     # micro-batches are a multiple of the data-parallel size (data x fsdp x expert): one row per chip on a
     # 64-chip slice (v5p-128); docs/memory_plan.md has the plan and the overrides for a 16-GPU job
-    c.grpo.update(dict(router_aux_loss_coef=0.0, routing_replay=False, ppo_micro_batch_size=64))
+    # packing (qwen7b's grpo.micro_token_budget) is for dense models: MoE rows keep their own routing metrics and
+    # replay positions per row, so this model trains on padded rows (splash attention still spares the [T, T]
+    # scores in every full-sequence program)
+    c.grpo.update(dict(router_aux_loss_coef=0.0, routing_replay=False, ppo_micro_batch_size=64,
+                       micro_token_budget=None, logprob_token_budget=None))
     return c

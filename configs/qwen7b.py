@@ -72,8 +72,14 @@ def get_config():
                         extra_body={"chat_template_kwargs": {"enable_thinking": False}}))
     c.grpo.update(dict(kl_coef=0.001, kl_estimator="low_var_kl", entropy_coeff=0.0, ppo_mini_batch_size=256,
                        ppo_micro_batch_size=32, ppo_epochs=1, logprob_chunk_size=512, compute_dtype="bfloat16"))
-    # micro-batches count rows over all devices and must be a multiple of the data-parallel size (mesh data x
-    # fsdp): 32 is one row per chip on a 32-chip slice (v5p-64) or 4 per GPU on 8 GPUs (docs/memory_plan.md)
+    # packing (rl/packing.py): each chip's micro-batch is one buffer of 8192 tokens, the longest row (4096 prompt
+    # + 4096 response), filled with as many whole rows as fit (first-fit decreasing) instead of one padded row;
+    # micro-batches left empty are skipped, so the update and the log-prob pass compute ~real tokens only. 8192
+    # is the smallest budget a full-length row allows and keeps the update's activations those of one row per
+    # chip (with splash attention, no [T, T] scores); the log-prob pass (no backward) takes the same buffers.
+    # ppo_micro_batch_size is unused with packing (it stays a multiple of the data-parallel size for MoE-free
+    # runs that turn packing off: one row per chip on a 32-chip slice (v5p-64), 4 per GPU on 8 GPUs).
+    c.grpo.update(dict(micro_token_budget=8192))
     c.optim.update(dict(learning_rate=1e-6, weight_decay=0.01, max_grad_norm=1.0, schedule="constant"))
     c.trainer.update(dict(total_steps=350, checkpoint_every=25, keep_checkpoints=3, test_freq=5))
     return c

@@ -94,7 +94,9 @@ INFRASTRUCTURE: dict[str, Any] = {
     "grpo.rollout_is_threshold": 2.0, "grpo.rollout_rs_threshold": 2.0, "grpo.rollout_rs_threshold_lower": None,
     "grpo.rollout_correction_scope": "scaffolded", "grpo.gap_thresholds": (0.1, 1.0),
     "grpo.router_aux_loss_coef": 0.0, "grpo.routing_replay": False,
-    "grpo.routing_mismatch_metric": False,  # no MoE routing metric in the reference (verl); off: no extra forward
+    "grpo.routing_mismatch_metric": False,
+    # ours: packed 8192-token micro-batches (the reference's verl run pads rows; use_remove_padding is the same idea)
+    "grpo.micro_token_budget": 8192, "grpo.logprob_token_budget": None,  # no MoE routing metric in the reference (verl); off: no extra forward
     "judge.base_urls": (), "judge.model": "", "judge.api_key_env": "RUSCARL_JUDGE_API_KEY",
     "judge.max_concurrency": 512, "judge.max_concurrency_per_endpoint": 256, "judge.timeout_s": 180.0,
     "judge.max_retries": 6, "judge.backoff_base_s": 0.5, "judge.backoff_max_s": 30.0, "judge.cache_path": None,
@@ -118,7 +120,7 @@ QWEN3_30B_A3B = {
     **QWEN7B, "workdir": "runs/qwen3_30b_a3b", "model.preset": "Qwen3-30B-A3B-Instruct-2507",
     "mesh.data": 1, "mesh.fsdp": -1, "mesh.expert": 8, "mesh.tensor": 1,
     "sharding_rules": (("batch", ("data", "fsdp", "expert")),) + INFRASTRUCTURE["sharding_rules"][1:],
-    "grpo.ppo_micro_batch_size": 64, "grpo.router_aux_loss_coef": 0.0, "grpo.routing_replay": False,
+    "grpo.ppo_micro_batch_size": 64, "grpo.micro_token_budget": None, "grpo.router_aux_loss_coef": 0.0, "grpo.routing_replay": False,
 }
 
 

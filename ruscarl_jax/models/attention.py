@@ -3,9 +3,12 @@
 The layer (``qwen.Block``) computes q / k / v once and hands them here; what it attends to depends on
 the context it is given:
 
-* dense: the chunk's own keys, causal and key-masked, through ``jax.nn.dot_product_attention``
-  (implementation "xla"; "cudnn" flash attention on a GPU where it applies, with "auto").
-* prefill: as dense, and the keys / values are also written into the paged cache.
+* full sequence (training forward, log-prob pass, prefill): the chunk's own keys, causal within each
+  segment (``segment_causal``). Segment ids say which tokens may see each other: 0 for padding, one id
+  per packed sequence; without them the key mask is the segment (0 padding, 1 real). The fused kernel
+  of the target platform computes it with no [T, T] buffer: splash attention (Pallas / Mosaic) on TPU,
+  cuDNN flash attention on GPU; CPU takes the XLA reference (``dense`` with the explicit mask).
+* prefill: as the full sequence, and the keys / values are also written into the paged cache.
 * decode: one new token per slot is written into the paged cache, then the slot attends to its
   pages: a pure-JAX gather + the same dense attention (runs everywhere), or the Pallas
   paged-attention kernel where the backend has one (TPU; GPU).
@@ -19,13 +22,17 @@ how padding and idle slots write nothing.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules, logical_to_spec
 
 PAGED_CACHE_AXES = ("layers", "batch", "kv_heads", None, None, "head_dim")
-DENSE_IMPLS = ("auto", "xla", "cudnn")
+DENSE_IMPLS = ("auto", "xla", "cudnn", "splash")
 PAGED_IMPLS = ("auto", "jax", "pallas")
 
 Context = dict[str, Any]
@@ -45,6 +52,86 @@ def dense(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str =
             if impl == "cudnn":
                 raise
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+
+
+SPLASH_BLOCKS = (512, 256, 128)  # splash tiles: the largest that divides the (padded) sequence
+
+
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, T] segment ids -> boolean [B, T, T]: query t may see key s <= t of its own segment."""
+    t = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return same & (jnp.arange(t)[:, None] >= jnp.arange(t)[None, :])[None]
+
+
+def _splash(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, interpret: bool = False) -> jax.Array:
+    """Splash attention (JAX's Pallas TPU kernel) on one device's shard: q [B, T, H, D], k / v [B, T, KVH, D],
+    segment ids [B, T] -> [B, T, H, D]. The multi-query kernel runs once per KV head over its query group
+    (GQA without repeating keys). T is padded to a multiple of 128 with segment -1 (seen by nothing real)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, t, h, d = q.shape
+    kvh = k.shape[2]
+    pad = -t % 128
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        segment_ids = jnp.pad(segment_ids, ((0, 0), (0, pad)), constant_values=-1)
+    tp = t + pad
+    block = next(s for s in SPLASH_BLOCKS if tp % s == 0)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                          block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = sm.MultiHeadMask([sm.CausalMask((tp, tp))] * (h // kvh))
+    kernel = sk.make_splash_mqa(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    qg = (q * d ** -0.5).reshape(b, tp, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)  # [B, KVH, G, T, D]
+    kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, D]
+    segment_ids = segment_ids.astype(jnp.int32)
+
+    def one_row(qr, kr, vr, seg):
+        ids = sk.SegmentIds(seg, seg)
+        return jax.vmap(lambda a, b_, c: kernel(a, b_, c, segment_ids=ids))(qr, kr, vr)
+
+    out = jax.vmap(one_row)(qg, kg, vg, segment_ids)  # [B, KVH, G, T, D]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, tp, h, d)[:, :t].astype(q.dtype)
+
+
+def _per_device(fn, q: jax.Array, k: jax.Array, segment_ids: jax.Array, mesh: Mesh | None, rules: Rules):
+    """`fn` as a shard_map over the mesh (rows over the batch axes, heads over tensor when the KV heads
+    split the same way), so a Pallas kernel sees one device's shard; unchanged without a mesh."""
+    if mesh is None or mesh.size == 1:
+        return fn
+    q_spec = logical_to_spec(("batch", "length", "heads", None), q.shape, mesh, rules)
+    k_spec = logical_to_spec(("batch", "length", "kv_heads", None), k.shape, mesh, rules)
+    q_spec, k_spec = (tuple(s) + (None,) * (4 - len(s)) for s in (q_spec, k_spec))
+    if q_spec[2] != k_spec[2]:  # heads split but not KV heads (or not alike): keep the heads whole
+        q_spec, k_spec = q_spec[:2] + (None, None), k_spec[:2] + (None, None)
+    rows = q_spec[0]
+    return jax.shard_map(fn, mesh=mesh, in_specs=(PartitionSpec(*q_spec), PartitionSpec(*k_spec),
+                                                  PartitionSpec(*k_spec), PartitionSpec(rows, None)),
+                         out_specs=PartitionSpec(*q_spec), check_vma=False)
+
+
+def segment_causal(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, impl: str = "auto",
+                   platform: str | None = None, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+                   interpret: bool = False) -> jax.Array:
+    """Causal self-attention within segments: q [B, T, H, D], k / v [B, T, KVH, D], segment ids [B, T]
+    (int; 0 = padding, which sees only padding) -> [B, T, H, D].
+
+    "auto": splash attention on TPU (Mosaic kernel, per device through shard_map), cuDNN flash attention on a
+    GPU for 16-bit inputs, the XLA reference elsewhere; "splash" forces the kernel (on CPU through the Pallas
+    interpreter with `interpret`), "xla" the reference. All give the same numbers (float32 softmax)."""
+    platform = platform or jax.default_backend()
+    if impl == "splash" or (impl == "auto" and platform == "tpu"):
+        fn = functools.partial(_splash, interpret=interpret or platform != "tpu")
+        return _per_device(fn, q, k, segment_ids, mesh, rules)(q, k, v, segment_ids)
+    if impl in ("auto", "cudnn") and platform == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        try:  # cuDNN's flash attention takes the causal structure itself and the segments as a key mask
+            same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+            return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):
+            if impl == "cudnn":
+                raise
+    return dense(q, k, v, segment_mask(segment_ids), "xla", platform)
 
 
 def _groups(pool: jax.Array, batch: int) -> jax.Array:
@@ -108,9 +195,11 @@ def paged_decode(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context, kv: dict | None, dense_impl: str = "auto",
-           paged_impl: str = "auto", platform: str | None = None) -> tuple[jax.Array, dict | None]:
+           paged_impl: str = "auto", platform: str | None = None, mesh: Mesh | None = None,
+           rules: Rules = DEFAULT_RULES) -> tuple[jax.Array, dict | None]:
     """The layer's attention for its context (see the module docstring); returns (out, updated cache).
-    `platform` picks the kernels (``sharding.platform`` of the layer's mesh)."""
+    `platform` picks the kernels (``sharding.platform`` of the layer's mesh); with a mesh the fused
+    full-sequence kernel runs per device (``shard_map`` over the batch and head shards)."""
     if kv is not None:  # prefill or decode: store this chunk's keys and values first
         layer = kv["layer"]
         kv = dict(kv, k=write_pages(kv["k"], layer, k, ctx["write_page"], ctx["write_offset"]),
@@ -119,9 +208,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, ctx: Context, kv: dict | No
         out = paged_decode(q, kv["k"], kv["v"], kv["layer"], ctx["page_table"], ctx["lengths"], paged_impl, dense_impl,
                            platform)
     else:
-        t = q.shape[1]
-        mask = ctx["kv_mask"][:, None, :].astype(bool) & (jnp.arange(t)[None, :, None] >= jnp.arange(t)[None, None, :])
-        out = dense(q, k, v, mask, dense_impl, platform)
+        segments = ctx.get("segment_ids")
+        segments = ctx["kv_mask"] if segments is None else segments
+        out = segment_causal(q, k, v, segments, dense_impl, platform, mesh, rules)
     if kv is not None:
         kv = dict(kv, layer=kv["layer"] + 1)
     return out, kv

@@ -187,7 +187,7 @@ class Block(nn.Module):
         kk = rope(kk, positions, cfg.rope_theta)
 
         attn, kv = attention.attend(q, kk, v, ctx, kv, cfg.attention, self.paged_attention,
-                                    sharding.platform(self.mesh))
+                                    sharding.platform(self.mesh), self.mesh, self.rules)
         attn = constrain(attn, ("batch", "length", "heads", None), self.mesh, self.rules)
         x = x + _dense(cfg.hidden_size, (-2, -1), ("heads", "head_dim", "embed"), cfg, False, "o_proj")(attn)
         x = constrain(x, ("batch", "length", "act_embed"), self.mesh, self.rules)
@@ -269,10 +269,17 @@ def param_shapes(cfg: QwenConfig) -> Params:
 
 
 def forward(params: Params, cfg: QwenConfig, tokens: jax.Array, attention_mask: jax.Array,
-            positions: jax.Array | None = None, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> jax.Array:
-    """Final hidden states [B, T, E] (after the last norm) of a padded batch, no cache."""
+            positions: jax.Array | None = None, *, segment_ids: jax.Array | None = None, mesh: Mesh | None = None,
+            rules: Rules = DEFAULT_RULES) -> jax.Array:
+    """Final hidden states [B, T, E] (after the last norm) of a padded batch, no cache.
+
+    Packed rows: segment_ids [B, T] (0 = padding, one id per sequence) keep the sequences apart, and
+    positions restart at 0 in each (``rl.packing``)."""
     positions = default_positions(attention_mask) if positions is None else positions
-    hidden, _ = Qwen(cfg, mesh, rules).apply({"params": params}, tokens, positions, {"kv_mask": attention_mask})
+    ctx = {"kv_mask": attention_mask}
+    if segment_ids is not None:
+        ctx["segment_ids"] = segment_ids
+    hidden, _ = Qwen(cfg, mesh, rules).apply({"params": params}, tokens, positions, ctx)
     return hidden
 
 

@@ -37,14 +37,16 @@ def accumulate_gradients(loss_fn: LossFn, params: Any, micro_batches: Batch,
     def body(carry, micro):
         grad_sum, stats_sum = carry
         (loss, aux), grads = grad_fn(params, shard_rows(micro))
-        grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+        grad_sum = jax.tree.map(lambda a, g: a + g.astype(a.dtype), grad_sum, grads)
         stats = {"loss": loss, **aux}
-        return (grad_sum, jax.tree.map(jnp.add, stats_sum, stats)), None
+        return (grad_sum, jax.tree.map(lambda a, b: a + b.astype(a.dtype), stats_sum, stats)), None
 
     first = jax.tree.map(lambda x: x[0], micro_batches)
-    _, aux_shape = jax.eval_shape(loss_fn, params, first)
-    zero_stats = {"loss": jnp.zeros((), jnp.float32), **{k: jnp.zeros((), jnp.float32) for k in aux_shape}}
-    zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    loss_shape, aux_shape = jax.eval_shape(loss_fn, params, first)
+    wide = lambda dtype: jnp.promote_types(dtype, jnp.float32)  # noqa: E731 - float32 sums (float64 under x64)
+    zero_stats = {"loss": jnp.zeros((), wide(loss_shape.dtype)),
+                  **{k: jnp.zeros((), wide(v.dtype)) for k, v in aux_shape.items()}}
+    zero_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, wide(p.dtype)), params)
     (grads, stats), _ = jax.lax.scan(body, (zero_grads, zero_stats), micro_batches)
     return grads, stats
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules, constrain
@@ -26,13 +27,17 @@ class Policy:
 
     routed (mixture-of-experts models only): routed(params, tokens, mask, forced_experts | None) ->
     (hidden, routing), where forced_experts / routing["experts"] are [B, L, T, K] expert ids (-1 =
-    the router chooses) and routing holds the scalar router metrics (models.moe.summarize)."""
+    the router chooses) and routing holds the scalar router metrics (models.moe.summarize).
+
+    packed (optional): packed(params, tokens [B, T], segment_ids [B, T], positions [B, T]) -> hidden
+    states of packed rows (``rl.packing``), for GRPOSettings.micro_token_budget."""
 
     hidden: Callable[[Params, jax.Array, jax.Array], jax.Array]
     unembed: Callable[[Params], jax.Array]
     mesh: Mesh | None = None
     rules: Rules = DEFAULT_RULES
     routed: Callable[[Params, jax.Array, jax.Array, jax.Array | None], tuple[jax.Array, dict[str, jax.Array]]] | None = None
+    packed: Callable[[Params, jax.Array, jax.Array, jax.Array], jax.Array] | None = None
 
     def shard_rows(self, batch: Batch) -> Batch:
         """Constrain every [rows, ...] leaf of a (micro-)batch to be split over the batch axes."""
@@ -49,7 +54,12 @@ def qwen_policy(cfg: Any, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES
     if cfg.is_moe:
         def routed(params, tokens, mask, forced):
             return qwen.forward_routed(params, cfg, tokens, mask, forced_experts=forced, mesh=mesh, rules=rules)
+    def packed(params, tokens, segment_ids, positions):
+        return qwen.forward(params, cfg, tokens, (segment_ids > 0).astype(jnp.int32), positions,
+                            segment_ids=segment_ids, mesh=mesh, rules=rules)
+
     return Policy(
         hidden=lambda params, tokens, mask: qwen.forward(params, cfg, tokens, mask, mesh=mesh, rules=rules),
+        packed=None if cfg.is_moe else packed,
         unembed=lambda params: qwen.output_embedding(params, cfg),
         mesh=mesh, rules=rules, routed=routed)

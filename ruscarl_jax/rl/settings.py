@@ -37,6 +37,12 @@ class GRPOSettings:
     logprob_chunk_size: response positions per chunk of the log-prob computation (bounds the
         [rows, chunk, vocab] float32 logits held at once, forward and backward).
     compute_dtype: dtype the float32 master parameters are cast to for forward/backward.
+    micro_token_budget: packing (``rl.packing``): tokens per data-parallel shard in each micro-batch of the
+        update. The step's rows (prompt + response spans, no padding) are packed into buffers of this many
+        tokens, one buffer per shard per micro-batch, so a micro-batch is a token budget, not a row count
+        (ppo_micro_batch_size is then unused). Must be at least the batch's row width (prompt + response).
+        None: micro-batches of ppo_micro_batch_size padded rows.
+    logprob_token_budget: the same for the old / reference log-prob pass (default: micro_token_budget).
     ref_in_host_memory: keep the reference parameters in pinned host memory between steps.
 
     Scaffold gap (see ``rl.rollout_correction``): the rollout's log-probs (scaffolded prompt) against the
@@ -81,6 +87,8 @@ class GRPOSettings:
     shuffle: bool = True
     logprob_chunk_size: int = 256
     compute_dtype: str = "float32"
+    micro_token_budget: int | None = None
+    logprob_token_budget: int | None = None
     ref_in_host_memory: bool = False
     rollout_is: str = "none"
     rollout_is_threshold: float = 2.0
@@ -129,6 +137,11 @@ class GRPOSettings:
         for field in ("ppo_mini_batch_size", "ppo_micro_batch_size", "ppo_epochs", "logprob_chunk_size"):
             if int(getattr(self, field)) < 1:
                 raise bad(field, "must be >= 1")
+        for field in ("micro_token_budget", "logprob_token_budget"):
+            if getattr(self, field) is not None and int(getattr(self, field)) < 2:
+                raise bad(field, "must be >= 2 (tokens per shard in a packed micro-batch) or None (unpacked rows)")
+        if self.logprob_token_budget is not None and self.micro_token_budget is None:
+            raise bad("logprob_token_budget", "needs micro_token_budget (packing) as well")
         if self.logprob_micro_batch_size is not None and self.logprob_micro_batch_size < 1:
             raise bad("logprob_micro_batch_size", "must be >= 1 or None")
         if self.ppo_mini_batch_size % self.ppo_micro_batch_size:
@@ -151,6 +164,15 @@ class GRPOSettings:
         return self.rollout_is != "none" or self.rollout_rs != "none"
 
     @property
+    def packed(self) -> bool:
+        """Whether the log-prob pass and the update run on packed token buffers."""
+        return self.micro_token_budget is not None
+
+    @property
+    def logprob_budget(self) -> int | None:
+        return self.logprob_token_budget or self.micro_token_budget
+
+    @property
     def logprob_rows(self) -> int:
         return self.logprob_micro_batch_size or self.ppo_micro_batch_size
 
@@ -159,6 +181,8 @@ class GRPOSettings:
         if rows % self.ppo_mini_batch_size:
             raise ValueError(f"rollout batch has {rows} rows; GRPOSettings.ppo_mini_batch_size="
                              f"{self.ppo_mini_batch_size} must divide it")
+        if self.packed:
+            return
         if rows % self.logprob_rows:
             raise ValueError(f"rollout batch has {rows} rows; the log-prob micro-batch size "
                              f"{self.logprob_rows} (GRPOSettings.logprob_micro_batch_size or "

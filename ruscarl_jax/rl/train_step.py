@@ -40,7 +40,9 @@ from ruscarl_jax.rl.accumulate import Batch, accumulate_gradients, apply_if_fini
 from ruscarl_jax.rl import rollout_correction
 from ruscarl_jax.rl.advantages import group_advantages
 from ruscarl_jax.rl.group_filters import filter_rows
-from ruscarl_jax.rl.logprobs import response_logprobs
+from ruscarl_jax.models.sharding import data_parallel_size
+from ruscarl_jax.rl import packing
+from ruscarl_jax.rl.logprobs import response_logprobs, token_logprobs
 from ruscarl_jax.rl.losses import Normalizers, aggregate, kl_penalty, masked_mean, normalizers, policy_loss
 from ruscarl_jax.rl.optimizer import cast_floating, last_learning_rate
 from ruscarl_jax.rl.policy import Params, Policy
@@ -129,6 +131,8 @@ def rollout_logprobs(params: Params, batch: Batch, *, policy: Policy, settings: 
     """Log-probs [N, R] (float32, no gradient) of the response tokens, in passes of logprob_rows rows."""
     cparams = _compute_params(params, settings)
     resp_len = batch["response_mask"].shape[1]
+    if settings.packed:
+        return _packed_rollout_logprobs(cparams, batch, policy=policy, settings=settings)
     rows = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if settings.routing_replay and ROUTING_KEY in batch:
         rows[ROUTING_KEY] = batch[ROUTING_KEY]
@@ -144,6 +148,22 @@ def rollout_logprobs(params: Params, batch: Batch, *, policy: Policy, settings: 
     return jax.lax.stop_gradient(logp.reshape(-1, resp_len))
 
 
+def _packed_rollout_logprobs(cparams: Params, batch: Batch, *, policy: Policy, settings: GRPOSettings) -> jax.Array:
+    """rollout_logprobs on packed buffers of logprob_budget tokens per shard (rows without a response token
+    are left out and get 0); empty micro-batches are skipped."""
+    capacity = settings.logprob_budget
+    keep = jnp.sum(batch["response_mask"], axis=-1) > 0
+    lay, micros = _pack_rows(policy, batch, keep, capacity)
+
+    def one(micro: Batch) -> jax.Array:
+        real = lambda: _packed_stats(policy, cparams, micro, settings)[0]  # noqa: E731
+        return jax.lax.cond(micro["nonempty"], real, lambda: _zeros_like_out(real))
+
+    logp = jax.lax.map(one, micros).reshape(-1, capacity)
+    total, resp_len = batch["input_ids"].shape[1], batch["response_mask"].shape[1]
+    return jax.lax.stop_gradient(packing.unpack_response(logp, lay, total - resp_len, resp_len))
+
+
 def grpo_loss(params: Params, micro: Batch, norm: Normalizers, *, policy: Policy,
               settings: GRPOSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
     """This micro-batch's share of the minibatch loss: pg_loss + kl_coef * kl_loss - entropy_coeff * entropy.
@@ -151,11 +171,17 @@ def grpo_loss(params: Params, micro: Batch, norm: Normalizers, *, policy: Policy
     micro holds input_ids, attention_mask, loss_mask, advantages [rows], old_log_probs and (KL on)
     ref_log_probs; `norm` are the normalisers of the whole minibatch.
     """
+    hidden, routing = policy_forward(policy, params, micro, settings)
+    logp, entropy = response_logprobs(hidden, policy.unembed(params), micro["input_ids"], micro["loss_mask"].shape[1],
+                                      temperature=settings.temperature, chunk_size=settings.logprob_chunk_size)
+    return loss_terms(logp, entropy, routing, micro, norm, settings)
+
+
+def loss_terms(logp: jax.Array, entropy: jax.Array, routing: dict[str, jax.Array] | None, micro: Batch,
+               norm: Normalizers, settings: GRPOSettings) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The loss and its metrics from the response tokens' log-probs and entropies [rows, R] (packed or not)."""
     s = settings
     mask = micro["loss_mask"]
-    hidden, routing = policy_forward(policy, params, micro, s)
-    logp, entropy = response_logprobs(hidden, policy.unembed(params), micro["input_ids"], mask.shape[1],
-                                      temperature=s.temperature, chunk_size=s.logprob_chunk_size)
     adv = micro["advantages"][:, None] * mask
     pg_loss, aux = policy_loss(logp, micro["old_log_probs"], adv, mask, clip_ratio_low=s.clip_ratio_low,
                                clip_ratio_high=s.clip_ratio_high, clip_ratio_c=s.clip_ratio_c,
@@ -179,6 +205,47 @@ def grpo_loss(params: Params, micro: Batch, norm: Normalizers, *, policy: Policy
             aux["routing_mismatch"] = routing_mismatch(routing["experts"], micro[ROUTING_KEY], mask) / jnp.maximum(
                 norm.num_tokens, 1.0)
     return loss, aux
+
+
+# ------------------------------------------------------------------------------ packed token buffers
+
+def _buffers_per_micro(policy: Policy) -> int:
+    """One buffer per data-parallel shard in each packed micro-batch."""
+    return 1 if policy.mesh is None else data_parallel_size(policy.mesh, policy.rules)
+
+
+def _pack_rows(policy: Policy, rows: Batch, keep: jax.Array, capacity: int) -> tuple[packing.Layout, Batch]:
+    """The rows' spans packed (rl.packing) into micro-batches: tokens / segment_ids / positions
+    [micro-batches, buffers per micro-batch, capacity], plus each micro-batch's index and whether it holds any token."""
+    per = _buffers_per_micro(policy)
+    nb = packing.num_buffers(rows["input_ids"].shape[0], per)
+    lay = packing.layout(rows["attention_mask"], keep, nb, capacity)
+    tokens, segments, positions = packing.pack(rows["input_ids"], lay, nb, capacity)
+    split = lambda x: x.reshape(nb // per, per, capacity)  # noqa: E731
+    micros = {"tokens": split(tokens), "segment_ids": split(segments), "positions": split(positions)}
+    micros["nonempty"] = jnp.any(micros["segment_ids"] > 0, axis=(1, 2))
+    micros["index"] = jnp.arange(nb // per, dtype=jnp.int32)
+    return lay, micros
+
+
+def _packed_stats(policy: Policy, params: Params, micro: Batch, settings: GRPOSettings) -> tuple[jax.Array, jax.Array]:
+    """Log-prob and entropy [buffers, capacity] of each packed micro-batch's positions (position p scores
+    the token at p + 1; the last position scores nothing)."""
+    bufs = policy.shard_rows({k: micro[k] for k in ("tokens", "segment_ids", "positions")})
+    hidden = policy.packed(params, bufs["tokens"], bufs["segment_ids"], bufs["positions"])
+    logp, entropy = token_logprobs(hidden[:, :-1], policy.unembed(params), bufs["tokens"][:, 1:],
+                                   temperature=settings.temperature, chunk_size=settings.logprob_chunk_size)
+    return jnp.pad(logp, ((0, 0), (0, 1))), jnp.pad(entropy, ((0, 0), (0, 1)))
+
+
+def _micro_layout(lay: packing.Layout, index: jax.Array, per: int) -> tuple[packing.Layout, jax.Array]:
+    """The layout restricted to micro-batch `index` (its buffers renumbered from 0) and which rows are in it."""
+    inside = (lay.buffer >= 0) & (lay.buffer // per == index)
+    return lay._replace(buffer=jnp.where(inside, lay.buffer - index * per, -1)), inside
+
+
+def _zeros_like_out(fn: Callable, *args: Any) -> Any:
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(fn, *args))
 
 
 def grpo_update(params: Params, opt_state: optax.OptState, batch: Batch, old_log_probs: jax.Array,
@@ -226,11 +293,16 @@ def grpo_update(params: Params, opt_state: optax.OptState, batch: Batch, old_log
         minibatch = jax.tree.map(lambda x: jnp.take(x, index, axis=0), rows)
         norm = normalizers(minibatch["loss_mask"])
         cparams = _compute_params(params, s)
-        grads, stats = accumulate_gradients(
-            lambda p, micro: loss_fn(p, micro, norm), cparams,
-            split_rows(minibatch, s.ppo_micro_batch_size), policy.shard_rows)
+        extra_stats = {}
+        if s.packed:
+            grads, stats, extra_stats = _packed_gradients(cparams, minibatch, norm, policy=policy, settings=s)
+        else:
+            grads, stats = accumulate_gradients(
+                lambda p, micro: loss_fn(p, micro, norm), cparams,
+                split_rows(minibatch, s.ppo_micro_batch_size), policy.shard_rows)
         params, opt_state, applied, grad_norm = apply_if_finite(optimizer, params, opt_state, grads, stats["loss"])
-        return (params, opt_state), {**stats, "grad_norm": grad_norm, "applied": applied.astype(jnp.float32)}
+        return (params, opt_state), {**stats, **extra_stats, "grad_norm": grad_norm,
+                                     "applied": applied.astype(jnp.float32)}
 
     (params, opt_state), per_update = jax.lax.scan(one_update, (params, opt_state), minibatch_index)
     applied = per_update.pop("applied")
@@ -251,6 +323,35 @@ def grpo_update(params: Params, opt_state: optax.OptState, batch: Batch, old_log
         **extra,
     })
     return params, opt_state, metrics
+
+
+def _packed_gradients(cparams: Params, minibatch: Batch, norm: Normalizers, *, policy: Policy,
+                      settings: GRPOSettings) -> tuple[Params, dict[str, jax.Array], dict[str, jax.Array]]:
+    """accumulate_gradients over packed micro-batches of micro_token_budget tokens per shard. Each micro-batch
+    scores the minibatch's rows it holds and computes the unpacked loss on [rows, R] with the other rows'
+    mask zeroed, so the sum over micro-batches is the minibatch loss exactly; rows without a loss token are
+    not packed, and micro-batches without a token are skipped. Also: packed_token_fraction (real tokens
+    over the tokens the micro-batches computed)."""
+    capacity = settings.micro_token_budget
+    keep = jnp.sum(minibatch["loss_mask"], axis=-1) > 0
+    lay, micros = _pack_rows(policy, minibatch, keep, capacity)
+    per = micros["tokens"].shape[1]
+    total, resp_len = minibatch["input_ids"].shape[1], minibatch["loss_mask"].shape[1]
+
+    def micro_loss(p: Params, micro: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        def real(p):
+            logp, entropy = _packed_stats(policy, p, micro, settings)
+            local, inside = _micro_layout(lay, micro["index"], per)
+            logp, entropy = (packing.unpack_response(x, local, total - resp_len, resp_len) for x in (logp, entropy))
+            rows = dict(minibatch, loss_mask=minibatch["loss_mask"] * inside[:, None].astype(jnp.float32))
+            return loss_terms(logp, entropy, None, rows, norm, settings)
+
+        return jax.lax.cond(micro["nonempty"], real, lambda p: _zeros_like_out(real, p), p)
+
+    grads, stats = accumulate_gradients(micro_loss, cparams, micros)
+    computed = micros["nonempty"].sum() * per * capacity
+    fraction = lay.length.sum() / jnp.maximum(computed, 1)
+    return grads, stats, {"packed_token_fraction": fraction.astype(jnp.float32)}
 
 
 def make_reference(params: Params, settings: GRPOSettings) -> Params | None:
@@ -284,6 +385,9 @@ def make_grpo_step(policy: Policy, settings: GRPOSettings, optimizer: optax.Grad
     """
     if settings.routing_replay and policy.routed is None:
         raise ValueError("GRPOSettings.routing_replay=True needs a mixture-of-experts policy; this one is dense")
+    if settings.packed and policy.packed is None:
+        raise ValueError("GRPOSettings.micro_token_budget (packing) needs a policy with a packed forward "
+                         "(Policy.packed); this one has none (mixture-of-experts policies run unpacked rows)")
     options = dict(compiler_options) if compiler_options else None
     logprobs = jax.jit(functools.partial(rollout_logprobs, policy=policy, settings=settings),
                        compiler_options=options)
@@ -297,6 +401,16 @@ def make_grpo_step(policy: Policy, settings: GRPOSettings, optimizer: optax.Grad
             raise ValueError("rollout correction is on (GRPOSettings.rollout_is / rollout_rs) but the rollout batch "
                              "has no 'rollout_logprobs'")
         settings.check_batch_size(int(np.shape(batch["rewards"])[0]))
+        if settings.packed:
+            width = int(np.shape(batch["input_ids"])[1])
+            for key, budget in (("micro_token_budget", settings.micro_token_budget),
+                                ("logprob_token_budget", settings.logprob_budget)):
+                if budget < width:
+                    raise ValueError(f"GRPOSettings.{key}={budget} is below this batch's row width {width} "
+                                     "(prompt + response): a row must fit one packed buffer")
+            mask = batch["attention_mask"]
+            if not isinstance(mask, jax.Array) or mask.is_fully_addressable:
+                packing.check_contiguous(np.asarray(mask))
         batch = {k: v if isinstance(v, jax.Array) else jnp.asarray(v) for k, v in batch.items()}
         old = logprobs(params, batch)
         ref = None

@@ -233,6 +233,16 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     for key in ("routing_replay", "routing_mismatch_metric"):
         _require(not getattr(grpo_settings, key) or num_experts > 0, f"grpo.{key}",
                  f"needs a mixture-of-experts model ({experts_key} has no experts)")
+    if grpo_settings.packed:
+        width = bucket_length(int(data.get("max_prompt_length", 0)) or 1, sampling.prompt_bucket_min,
+                              sampling.prompt_bucket_steps) + sampling.max_new_tokens
+        for key in ("micro_token_budget", "logprob_token_budget"):
+            budget = getattr(grpo_settings, key) or grpo_settings.micro_token_budget
+            _require(budget >= width, f"grpo.{key}",
+                     f"{budget} tokens per packed buffer is below the longest row, {width} (the bucketed "
+                     "data.max_prompt_length + rollout.max_new_tokens): each row must fit one buffer")
+        _require(num_experts == 0, "grpo.micro_token_budget",
+                 f"packing runs dense models; {experts_key} has experts (leave it unset for MoE: padded row micro-batches)")
     try:
         grpo_settings.check_batch_size(rows)
     except ValueError as err:

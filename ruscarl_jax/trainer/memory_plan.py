@@ -199,6 +199,11 @@ def advice(terms: dict[str, int], peak_program: str, budget: int, peak: int, con
         "GRPO update": f"{remat}a smaller grpo.ppo_micro_batch_size (now {g.ppo_micro_batch_size}; a multiple of the "
                        f"data-parallel size) or grpo.logprob_chunk_size (now {g.logprob_chunk_size})",
     }
+    if g.get("micro_token_budget"):  # packing: a micro-batch is a token budget per device (rl/packing.py)
+        by_program["log-probs"] = (f"grpo.logprob_token_budget (now {g.get('logprob_token_budget') or g.micro_token_budget}; "
+                                   f"at least the longest row) or grpo.logprob_chunk_size (now {g.logprob_chunk_size})")
+        by_program["GRPO update"] = (f"{remat}a smaller grpo.micro_token_budget (now {g.micro_token_budget}; at least the "
+                                     f"longest row) or grpo.logprob_chunk_size (now {g.logprob_chunk_size})")
     out = [by_program[peak_program]] if peak_program in by_program else []
     state = sum(terms.get(k, 0) for k in ("params", "optimizer state", "reference policy", "gradients"))
     if state > budget / 4:

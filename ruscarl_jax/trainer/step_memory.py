@@ -96,6 +96,9 @@ def _analytic(cfg: qwen.QwenConfig, settings: config_lib.RunSettings, state: dic
     # the engine prefills the prompts admitted together: at most every slot, at the longest prompt
     terms["prefill activations"] = _layer_working_set(cfg, rows_per_device(slots, dp), prompt, prompt, tensor, sb)
     micro = rows_per_device(g.ppo_micro_batch_size, dp)
+    lp_rows, lp_width = rows_per_device(g.logprob_rows, dp), width
+    if g.packed:  # packing: one buffer of the token budget per device and micro-batch (rl/packing.py)
+        micro, width, lp_rows, lp_width = 1, g.micro_token_budget, 1, g.logprob_budget
     layer = _layer_working_set(cfg, micro, width, width, tensor, cb)
     saved = cfg.num_layers * micro * width * cfg.hidden_size * cb
     # full remat keeps each layer's input and recomputes one layer at a time (forward, then its backward);
@@ -107,7 +110,7 @@ def _analytic(cfg: qwen.QwenConfig, settings: config_lib.RunSettings, state: dic
         kept = _layer_working_set(cfg, micro, width, width, tensor, cb, saved=True) + layer_gathered * cb
         terms["update activations"] = cfg.num_layers * kept + layer
     terms["logits chunk"] = 3 * micro * min(g.logprob_chunk_size, response) * vocab * 4
-    terms["log-prob activations"] = _layer_working_set(cfg, rows_per_device(g.logprob_rows, dp), width, width, tensor, cb)
+    terms["log-prob activations"] = _layer_working_set(cfg, lp_rows, lp_width, lp_width, tensor, cb)
     return terms
 
 
