@@ -27,6 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
                   # Qwen3-MoE (configs/tiny_moe.py): num_experts=0 is a dense model
                   num_experts=0, num_experts_per_tok=0, moe_intermediate_size=0, norm_topk_prob=False,
                   decoder_sparse_step=1, mlp_only_layers=()),
+        # LoRA / QLoRA (ruscarl_jax/models/lora.py; configs/tiny_lora.py): rank 0 = full fine-tuning
+        lora=dict(rank=0, alpha=32.0, targets=("q", "k", "v", "o", "gate", "up", "down"), quantize="none", seed=0),
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding_rules = tuple(DEFAULT_RULES)

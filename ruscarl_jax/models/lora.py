@@ -200,6 +200,22 @@ def make_state(base: Params, settings: LoraSettings, rng: jax.Array | None = Non
             "lora_scale": jnp.asarray(settings.scale, jnp.float32)}
 
 
+def make_sharded_state(base: Params, settings: LoraSettings, base_axes: Params, mesh: Any, rules: Any) -> Params:
+    """make_state for sharded base params: the adapters created in their shardings (their logical axes
+    through the rules), the int8 kernels sharded like the kernels they replace."""
+    from ruscarl_jax.models.sharding import tree_shardings
+
+    shapes = jax.tree.map(lambda s: s.shape, adapter_shapes(base, settings))
+    shardings = tree_shardings(adapter_logical_axes(base_axes, settings, base), shapes, mesh, rules)
+    adapters = jax.jit(lambda key: init_adapters(base, settings, key), out_shardings=shardings)(jax.random.key(settings.seed))
+    if settings.quantize != "none":
+        kernels = {(stack, module): base[stack][module]["kernel"].sharding for stack, module, _ in _targets(base, settings)}
+        base = jax.jit(lambda b: quantize_base(b, settings))(base)
+        for (stack, module), sharding in kernels.items():  # pin kernel_q to the kernel's sharding
+            base[stack][module]["kernel_q"] = jax.device_put(base[stack][module]["kernel_q"], sharding)
+    return {"base": base, "lora": adapters, "lora_scale": jnp.asarray(settings.scale, jnp.float32)}
+
+
 def is_adapted(params: Any) -> bool:
     """Whether `params` is a LoRA train state (else: plain model params)."""
     return isinstance(params, Mapping) and "lora" in params and "base" in params

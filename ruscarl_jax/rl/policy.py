@@ -26,13 +26,21 @@ class Policy:
 
     routed (mixture-of-experts models only): routed(params, tokens, mask, forced_experts | None) ->
     (hidden, routing), where forced_experts / routing["experts"] are [B, L, T, K] expert ids (-1 =
-    the router chooses) and routing holds the scalar router metrics (models.moe.summarize)."""
+    the router chooses) and routing holds the scalar router metrics (models.moe.summarize).
+
+    split(params) -> (trainable, frozen) and join(trainable, frozen) -> params: the update differentiates
+    and optimizes the trainable part only (all of it by default; a LoRA state's adapters, models/lora.py).
+    reference(params): the KL reference computed from the params themselves (a LoRA state's base with
+    the adapters off), or None when the trainer must keep a frozen copy."""
 
     hidden: Callable[[Params, jax.Array, jax.Array], jax.Array]
     unembed: Callable[[Params], jax.Array]
     mesh: Mesh | None = None
     rules: Rules = DEFAULT_RULES
     routed: Callable[[Params, jax.Array, jax.Array, jax.Array | None], tuple[jax.Array, dict[str, jax.Array]]] | None = None
+    split: Callable[[Params], tuple[Params, Any]] = lambda params: (params, None)
+    join: Callable[[Params, Any], Params] = lambda trainable, frozen: trainable
+    reference: Callable[[Params], Params | None] = lambda params: None
 
     def shard_rows(self, batch: Batch) -> Batch:
         """Constrain every [rows, ...] leaf of a (micro-)batch to be split over the batch axes."""
@@ -42,14 +50,18 @@ class Policy:
 
 
 def qwen_policy(cfg: Any, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Policy:
-    """The Flax Qwen decoder (ruscarl_jax.models.qwen) as a Policy; cfg.remat sets its remat policy."""
-    from ruscarl_jax.models import qwen
+    """The Flax Qwen decoder (ruscarl_jax.models.qwen) as a Policy; cfg.remat sets its remat policy.
+    The params may be plain model params or a LoRA state (models/lora.py: adapters trained, base frozen,
+    the KL reference the base with the adapters off)."""
+    from ruscarl_jax.models import lora, qwen
 
     routed = None
     if cfg.is_moe:
         def routed(params, tokens, mask, forced):
-            return qwen.forward_routed(params, cfg, tokens, mask, forced_experts=forced, mesh=mesh, rules=rules)
+            return qwen.forward_routed(lora.effective_params(params), cfg, tokens, mask, forced_experts=forced,
+                                       mesh=mesh, rules=rules)
     return Policy(
-        hidden=lambda params, tokens, mask: qwen.forward(params, cfg, tokens, mask, mesh=mesh, rules=rules),
-        unembed=lambda params: qwen.output_embedding(params, cfg),
-        mesh=mesh, rules=rules, routed=routed)
+        hidden=lambda params, tokens, mask: qwen.forward(lora.effective_params(params), cfg, tokens, mask,
+                                                         mesh=mesh, rules=rules),
+        unembed=lambda params: qwen.output_embedding(lora.effective_params(params), cfg),
+        mesh=mesh, rules=rules, routed=routed, split=lora.split, join=lora.join, reference=lora.reference)
