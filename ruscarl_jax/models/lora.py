@@ -216,6 +216,22 @@ def make_sharded_state(base: Params, settings: LoraSettings, base_axes: Params, 
     return {"base": base, "lora": adapters, "lora_scale": jnp.asarray(settings.scale, jnp.float32)}
 
 
+def abstract_state(base: Params, base_axes: Params, settings: LoraSettings, mesh: Any, rules: Any) -> Params:
+    """ShapeDtypeStructs (with shardings) of make_sharded_state's result, from the base's: for the memory plan."""
+    from ruscarl_jax.models.sharding import named_sharding
+
+    state = jax.eval_shape(lambda b: make_state(b, settings, jax.random.key(0)), base)
+    axes = {"base": dict(base_axes), "lora": adapter_logical_axes(base_axes, settings, base), "lora_scale": ()}
+    for stack, module, _ in _targets(base, settings) if settings.quantize != "none" else ():
+        names = tuple(base_axes[stack][module]["kernel"])
+        axes["base"][stack] = dict(axes["base"][stack])
+        axes["base"][stack][module] = {**{k: v for k, v in base_axes[stack][module].items() if k != "kernel"},
+                                       "kernel_q": names, "kernel_scale": names}
+    is_names = lambda x: isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)  # noqa: E731
+    return jax.tree.map(lambda names, s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=named_sharding(names, s.shape, mesh, rules)),
+                        axes, state, is_leaf=is_names)
+
+
 def is_adapted(params: Any) -> bool:
     """Whether `params` is a LoRA train state (else: plain model params)."""
     return isinstance(params, Mapping) and "lora" in params and "base" in params
