@@ -208,11 +208,15 @@ def make_sharded_state(base: Params, settings: LoraSettings, base_axes: Params, 
     shapes = jax.tree.map(lambda s: s.shape, adapter_shapes(base, settings))
     shardings = tree_shardings(adapter_logical_axes(base_axes, settings, base), shapes, mesh, rules)
     adapters = jax.jit(lambda key: init_adapters(base, settings, key), out_shardings=shardings)(jax.random.key(settings.seed))
-    if settings.quantize != "none":
-        kernels = {(stack, module): base[stack][module]["kernel"].sharding for stack, module, _ in _targets(base, settings)}
-        base = jax.jit(lambda b: quantize_base(b, settings))(base)
-        for (stack, module), sharding in kernels.items():  # pin kernel_q to the kernel's sharding
-            base[stack][module]["kernel_q"] = jax.device_put(base[stack][module]["kernel_q"], sharding)
+    if settings.quantize != "none":  # one stacked kernel at a time (the float32 temporary is one kernel's)
+        base = jax.tree.map(lambda x: x, base)
+        quantize = jax.jit(quantize_kernel, static_argnums=1)
+        for stack, module, target in _targets(base, settings):
+            leaf = dict(base[stack][module])
+            kernel = leaf.pop("kernel")
+            q, leaf["kernel_scale"] = quantize(kernel, _IN_DIMS[target])
+            leaf["kernel_q"] = jax.device_put(q, kernel.sharding)  # sharded like the kernel it replaces
+            base[stack][module] = leaf
     return {"base": base, "lora": adapters, "lora_scale": jnp.asarray(settings.scale, jnp.float32)}
 
 
