@@ -220,7 +220,10 @@ def test_the_engine_samples_from_the_quantized_base_plus_adapters(hf_model):
 
 
 def test_bad_lora_config_is_named():
-    from configs import tiny_lora
+    from configs import colab_lora, tiny_lora
+
+    colab = validate(colab_lora.get_config(), num_devices=1, check_paths=False)  # one chip
+    assert (colab.lora.rank, colab.lora.scale, colab.grpo.compute_dtype) == (16, 2.0, "bfloat16")
 
     config = tiny_lora.get_config()
     config.warm_start.path = ""
