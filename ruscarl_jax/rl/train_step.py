@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ruscarl_jax.rl.accumulate import Batch, accumulate_gradients, apply_if_finite, split_rows
 from ruscarl_jax.models import lora
+from ruscarl_jax.rl.accumulate import Batch, accumulate_gradients, apply_if_finite, split_rows
 from ruscarl_jax.rl import rollout_correction
 from ruscarl_jax.rl.advantages import group_advantages
 from ruscarl_jax.rl.group_filters import filter_rows
