@@ -130,7 +130,7 @@ def test_packed_log_probs_and_gradients_equal_unpacked_in_float64():
                 "advantages": jnp.linspace(-1, 1, 16), "old_log_probs": lp_plain - 0.05,
                 "ref_log_probs": lp_plain + 0.1}
         norm = normalizers(rows["loss_mask"])
-        g_packed, s_packed, _ = ts._packed_gradients(params, rows, norm, policy=PACKED_TOY, settings=settings)
+        g_packed, s_packed, _ = ts._packed_gradients(params, None, rows, norm, policy=PACKED_TOY, settings=settings)
         loss = functools.partial(ts.grpo_loss, policy=PACKED_TOY, settings=settings)
         g_plain, s_plain = accumulate_gradients(lambda p, m: loss(p, m, norm), params, split_rows(rows, 4))
         jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-13),

@@ -77,6 +77,9 @@ REFERENCE: dict[str, Any] = {
 INFRASTRUCTURE: dict[str, Any] = {
     "seed": 0, "workdir": "runs/qwen7b",
     "model.checkpoint_dir": "", "model.dtype": "bfloat16", "model.param_dtype": "float32", "model.remat": "full",
+    # full fine-tuning as the paper (no adapters)
+    "model.lora.rank": 0, "model.lora.alpha": 32.0, "model.lora.targets": ("q", "k", "v", "o", "gate", "up", "down"),
+    "model.lora.quantize": "none", "model.lora.seed": 0,
     "mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1,
     "sharding_rules": (("batch", ("data", "fsdp")), ("length", None), ("act_embed", None), ("embed", "fsdp"),
                        ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None), ("mlp", "tensor"),

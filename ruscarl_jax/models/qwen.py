@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from ruscarl_jax.models import attention, moe, sharding
+from ruscarl_jax.models import attention, lora, moe, sharding
 from ruscarl_jax.models.attention import Context
 from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules, constrain
 
@@ -153,7 +153,7 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def _dense(features, axis, names, cfg: QwenConfig, bias: bool, name: str) -> nn.DenseGeneral:
-    return nn.DenseGeneral(
+    return lora.Dense(  # nn.DenseGeneral that also reads LoRA adapters / an int8 kernel from its params
         features=features, axis=axis, use_bias=bias, dtype=_dt(cfg.dtype), param_dtype=_dt(cfg.param_dtype),
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[len(names) - len(features):]

@@ -30,7 +30,12 @@ class Policy:
     the router chooses) and routing holds the scalar router metrics (models.moe.summarize).
 
     packed (optional): packed(params, tokens [B, T], segment_ids [B, T], positions [B, T]) -> hidden
-    states of packed rows (``rl.packing``), for GRPOSettings.micro_token_budget."""
+    states of packed rows (``rl.packing``), for GRPOSettings.micro_token_budget.
+
+    split(params) -> (trainable, frozen) and join(trainable, frozen) -> params: the update differentiates
+    and optimizes the trainable part only (all of it by default; a LoRA state's adapters, models/lora.py).
+    reference(params): the KL reference computed from the params themselves (a LoRA state's base with
+    the adapters off), or None when the trainer must keep a frozen copy."""
 
     hidden: Callable[[Params, jax.Array, jax.Array], jax.Array]
     unembed: Callable[[Params], jax.Array]
@@ -38,6 +43,9 @@ class Policy:
     rules: Rules = DEFAULT_RULES
     routed: Callable[[Params, jax.Array, jax.Array, jax.Array | None], tuple[jax.Array, dict[str, jax.Array]]] | None = None
     packed: Callable[[Params, jax.Array, jax.Array, jax.Array], jax.Array] | None = None
+    split: Callable[[Params], tuple[Params, Any]] = lambda params: (params, None)
+    join: Callable[[Params, Any], Params] = lambda trainable, frozen: trainable
+    reference: Callable[[Params], Params | None] = lambda params: None
 
     def shard_rows(self, batch: Batch) -> Batch:
         """Constrain every [rows, ...] leaf of a (micro-)batch to be split over the batch axes."""
@@ -47,19 +55,24 @@ class Policy:
 
 
 def qwen_policy(cfg: Any, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Policy:
-    """The Flax Qwen decoder (ruscarl_jax.models.qwen) as a Policy; cfg.remat sets its remat policy."""
-    from ruscarl_jax.models import qwen
+    """The Flax Qwen decoder (ruscarl_jax.models.qwen) as a Policy; cfg.remat sets its remat policy.
+    The params may be plain model params or a LoRA state (models/lora.py: adapters trained, base frozen,
+    the KL reference the base with the adapters off)."""
+    from ruscarl_jax.models import lora, qwen
 
     routed = None
     if cfg.is_moe:
         def routed(params, tokens, mask, forced):
-            return qwen.forward_routed(params, cfg, tokens, mask, forced_experts=forced, mesh=mesh, rules=rules)
+            return qwen.forward_routed(lora.effective_params(params), cfg, tokens, mask, forced_experts=forced,
+                                       mesh=mesh, rules=rules)
+
     def packed(params, tokens, segment_ids, positions):
-        return qwen.forward(params, cfg, tokens, (segment_ids > 0).astype(jnp.int32), positions,
+        return qwen.forward(lora.effective_params(params), cfg, tokens, (segment_ids > 0).astype(jnp.int32), positions,
                             segment_ids=segment_ids, mesh=mesh, rules=rules)
 
     return Policy(
-        hidden=lambda params, tokens, mask: qwen.forward(params, cfg, tokens, mask, mesh=mesh, rules=rules),
+        hidden=lambda params, tokens, mask: qwen.forward(lora.effective_params(params), cfg, tokens, mask,
+                                                         mesh=mesh, rules=rules),
         packed=None if cfg.is_moe else packed,
-        unembed=lambda params: qwen.output_embedding(params, cfg),
-        mesh=mesh, rules=rules, routed=routed)
+        unembed=lambda params: qwen.output_embedding(lora.effective_params(params), cfg),
+        mesh=mesh, rules=rules, routed=routed, split=lora.split, join=lora.join, reference=lora.reference)

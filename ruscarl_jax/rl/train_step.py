@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ruscarl_jax.models import lora
 from ruscarl_jax.rl.accumulate import Batch, accumulate_gradients, apply_if_finite, split_rows
 from ruscarl_jax.rl import rollout_correction
 from ruscarl_jax.rl.advantages import group_advantages
@@ -96,8 +97,12 @@ def _loss_mask(batch: Mapping[str, jax.Array]) -> jax.Array:
     return batch["response_mask"].astype(jnp.float32) * _row_valid(batch)[:, None].astype(jnp.float32)
 
 
-def _compute_params(params: Params, settings: GRPOSettings) -> Params:
-    return params if settings.compute_dtype == "float32" else cast_floating(params, settings.compute_dtype)
+def _compute_params(params: Params, settings: GRPOSettings, policy: Policy) -> Params:
+    """The params in the compute dtype; only the trainable part is cast (a LoRA base is stored in it)."""
+    if settings.compute_dtype == "float32":
+        return params
+    trainable, frozen = policy.split(params)
+    return policy.join(cast_floating(trainable, settings.compute_dtype), frozen)
 
 
 def _response_positions(experts: jax.Array, total: int) -> jax.Array:
@@ -129,7 +134,7 @@ def policy_forward(policy: Policy, params: Params, micro: Batch,
 
 def rollout_logprobs(params: Params, batch: Batch, *, policy: Policy, settings: GRPOSettings) -> jax.Array:
     """Log-probs [N, R] (float32, no gradient) of the response tokens, in passes of logprob_rows rows."""
-    cparams = _compute_params(params, settings)
+    cparams = _compute_params(params, settings, policy)
     resp_len = batch["response_mask"].shape[1]
     if settings.packed:
         return _packed_rollout_logprobs(cparams, batch, policy=policy, settings=settings)
@@ -292,15 +297,17 @@ def grpo_update(params: Params, opt_state: optax.OptState, batch: Batch, old_log
         params, opt_state = carry
         minibatch = jax.tree.map(lambda x: jnp.take(x, index, axis=0), rows)
         norm = normalizers(minibatch["loss_mask"])
-        cparams = _compute_params(params, s)
+        trainable, frozen = policy.split(params)  # gradients and optimizer state of the trainable part only
+        ctrainable, cfrozen = policy.split(_compute_params(params, s, policy))
         extra_stats = {}
         if s.packed:
-            grads, stats, extra_stats = _packed_gradients(cparams, minibatch, norm, policy=policy, settings=s)
+            grads, stats, extra_stats = _packed_gradients(ctrainable, cfrozen, minibatch, norm, policy=policy, settings=s)
         else:
             grads, stats = accumulate_gradients(
-                lambda p, micro: loss_fn(p, micro, norm), cparams,
+                lambda t, micro: loss_fn(policy.join(t, cfrozen), micro, norm), ctrainable,
                 split_rows(minibatch, s.ppo_micro_batch_size), policy.shard_rows)
-        params, opt_state, applied, grad_norm = apply_if_finite(optimizer, params, opt_state, grads, stats["loss"])
+        trainable, opt_state, applied, grad_norm = apply_if_finite(optimizer, trainable, opt_state, grads, stats["loss"])
+        params = policy.join(trainable, frozen)
         return (params, opt_state), {**stats, **extra_stats, "grad_norm": grad_norm,
                                      "applied": applied.astype(jnp.float32)}
 
@@ -325,42 +332,43 @@ def grpo_update(params: Params, opt_state: optax.OptState, batch: Batch, old_log
     return params, opt_state, metrics
 
 
-def _packed_gradients(cparams: Params, minibatch: Batch, norm: Normalizers, *, policy: Policy,
+def _packed_gradients(ctrainable: Params, cfrozen: Any, minibatch: Batch, norm: Normalizers, *, policy: Policy,
                       settings: GRPOSettings) -> tuple[Params, dict[str, jax.Array], dict[str, jax.Array]]:
     """accumulate_gradients over packed micro-batches of micro_token_budget tokens per shard. Each micro-batch
     scores the minibatch's rows it holds and computes the unpacked loss on [rows, R] with the other rows'
     mask zeroed, so the sum over micro-batches is the minibatch loss exactly; rows without a loss token are
     not packed, and micro-batches without a token are skipped. Also: packed_token_fraction (real tokens
-    over the tokens the micro-batches computed)."""
+    over the tokens the micro-batches computed). Gradients are of the trainable part (``policy.split``)."""
     capacity = settings.micro_token_budget
     keep = jnp.sum(minibatch["loss_mask"], axis=-1) > 0
     lay, micros = _pack_rows(policy, minibatch, keep, capacity)
     per = micros["tokens"].shape[1]
     total, resp_len = minibatch["input_ids"].shape[1], minibatch["loss_mask"].shape[1]
 
-    def micro_loss(p: Params, micro: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-        def real(p):
-            logp, entropy = _packed_stats(policy, p, micro, settings)
+    def micro_loss(t: Params, micro: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+        def real(t):
+            logp, entropy = _packed_stats(policy, policy.join(t, cfrozen), micro, settings)
             local, inside = _micro_layout(lay, micro["index"], per)
             logp, entropy = (packing.unpack_response(x, local, total - resp_len, resp_len) for x in (logp, entropy))
             rows = dict(minibatch, loss_mask=minibatch["loss_mask"] * inside[:, None].astype(jnp.float32))
             return loss_terms(logp, entropy, None, rows, norm, settings)
 
-        return jax.lax.cond(micro["nonempty"], real, lambda p: _zeros_like_out(real, p), p)
+        return jax.lax.cond(micro["nonempty"], real, lambda t: _zeros_like_out(real, t), t)
 
-    grads, stats = accumulate_gradients(micro_loss, cparams, micros)
+    grads, stats = accumulate_gradients(micro_loss, ctrainable, micros)
     computed = micros["nonempty"].sum() * per * capacity
     fraction = lay.length.sum() / jnp.maximum(computed, 1)
     return grads, stats, {"packed_token_fraction": fraction.astype(jnp.float32)}
 
 
 def make_reference(params: Params, settings: GRPOSettings) -> Params | None:
-    """A frozen copy of the initial parameters for the KL loss; None when the KL loss is off.
+    """A frozen copy of the initial parameters for the KL loss; None when the KL loss is off or the
+    params are a LoRA state (its reference is its own base with the adapters off: no copy).
 
     With ref_in_host_memory the copy lives in pinned host memory (same sharding) and is brought to
     the devices only for the reference log-prob pass of each step.
     """
-    if not settings.kl_active:
+    if not settings.kl_active or lora.is_adapted(params):
         return None
     if settings.ref_in_host_memory:
         return jax.tree.map(lambda x: jax.device_put(x, x.sharding.with_memory_kind("pinned_host")), params)
@@ -378,6 +386,9 @@ def make_grpo_step(policy: Policy, settings: GRPOSettings, optimizer: optax.Grad
                    donate: bool = True, compiler_options: Mapping[str, Any] | None = None,
                    ) -> Callable[..., tuple[Params, optax.OptState, dict[str, jax.Array]]]:
     """step(params, opt_state, batch, rng, ref_params=None) -> (params, opt_state, metrics).
+
+    opt_state is the optimizer's state of ``policy.split(params)[0]`` (the trainable part). With the KL
+    loss on and no ref_params, the reference is ``policy.reference(params)`` (a LoRA state's base).
 
     Compiles the log-prob pass and the update once per batch shape. With donate, the params and
     optimizer state passed in are consumed (their buffers are reused for the results).
@@ -415,6 +426,7 @@ def make_grpo_step(policy: Policy, settings: GRPOSettings, optimizer: optax.Grad
         old = logprobs(params, batch)
         ref = None
         if settings.kl_active:
+            ref_params = ref_params if ref_params is not None else policy.reference(params)
             if ref_params is None:
                 raise ValueError("the KL loss is on (use_kl_loss and kl_coef > 0): pass ref_params "
                                  "(make_reference(initial_params, settings))")

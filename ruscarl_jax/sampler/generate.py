@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from ruscarl_jax.models import qwen
+from ruscarl_jax.models import lora, qwen
 from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules
 from ruscarl_jax.sampler import engine
 from ruscarl_jax.sampler.settings import SamplingSettings, bucket_length, round_up
@@ -109,6 +109,7 @@ def generate(params: qwen.Params, cfg: qwen.QwenConfig, prompts: Prompts, rng: j
     sharded over the batch rule's axes and the cache's KV heads over the tensor axis where divisible.
     Several processes: each passes its own prompts and gets its own rows back (the prompt width and
     the row count are agreed on first, so every process runs the same program).
+    `params` may be a LoRA state (models/lora.py): the engine samples from its (int8) base + adapters.
     `row_seeds` (one int per prompt, default: the row index) key each row's randomness; give rows a
     seed of their own (e.g. a hash of example id and sample index) to make samples independent of
     the batch layout. `interrupt` (see engine.run) can abandon the call (engine.Interrupted).
@@ -128,7 +129,7 @@ def generate(params: qwen.Params, cfg: qwen.QwenConfig, prompts: Prompts, rng: j
     seeds = (jax.process_index() * count + np.arange(n) if row_seeds is None  # default: the row's global index
              else np.asarray(row_seeds, np.int64)) % 2**32
     layout = engine.plan(cfg, settings, rows=count, longest_prompt=longest, mesh=mesh, rules=rules)
-    out_tokens, logprobs, stopped, _ = engine.run(params, cfg, rows, seeds.astype(np.uint32), rng, settings, layout,
+    out_tokens, logprobs, stopped, _ = engine.run(lora.effective_params(params), cfg, rows, seeds.astype(np.uint32), rng, settings, layout,
                                                   mesh=mesh, rules=rules, interrupt=interrupt)
     out_mask = (np.arange(r)[None, :] < np.asarray([_length(t, s, settings) for t, s in zip(out_tokens, stopped)])[:, None])
     out_mask = out_mask.astype(np.int32)

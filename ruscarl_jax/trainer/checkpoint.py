@@ -1,5 +1,7 @@
 """Checkpoints with orbax: train state (params, optimizer state, RNG), step metadata, and the data
 iterator position of every process (grain's per-process JSON files), saved together, the last K kept.
+A LoRA run saves its adapters as the params (models/lora.py: the frozen base is rebuilt from the model
+source, like the reference policy), so its checkpoints are small.
 
 Every process calls `save` and `restore` (orbax coordinates multi-host writes; each process writes
 and reads its own data-iterator file). The reference policy is not saved: it is the initial

@@ -17,6 +17,7 @@ from etils import epath
 
 from ruscarl_jax.judge.settings import JudgeSettings
 from ruscarl_jax.models import presets
+from ruscarl_jax.models.lora import LoraSettings
 from ruscarl_jax.models.sharding import MESH_AXES, check_expert_axis
 from ruscarl_jax.rl.optimizer import OptimizerSettings
 from ruscarl_jax.rl.settings import GRPOSettings
@@ -52,6 +53,7 @@ class RunSettings:
     judge: JudgeSettings
     grpo: GRPOSettings
     optim: OptimizerSettings
+    lora: LoraSettings = LoraSettings()  # config.model.lora (rank 0: full fine-tuning)
 
 
 def _section(config: ml_collections.ConfigDict, name: str) -> dict[str, Any]:
@@ -161,6 +163,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     elif model["source"] == "hf" and model.get("preset") in presets.PRESETS:  # the planner, without the weights
         num_experts, experts_key = int(presets.PRESETS[model["preset"]].get("num_experts", 0)), "model.preset"
 
+    lora = _build(LoraSettings, dict(model.get("lora") or {}), "model.lora")
     if "warm_start" in config:  # SFT on demonstrations before RL (trainer/warm_start.py); path "" = off
         warm = _build(WarmStartSettings, _section(config, "warm_start"), "warm_start")
         _require(not warm.path or not check_paths or resolve_path(warm.path).is_file(), "warm_start.path",
@@ -258,4 +261,4 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
     judge = _section(config, "judge")
     judge_settings = _build(JudgeSettings, judge, "judge")
     return RunSettings(scaffold=scaffold_settings, sampling=sampling, val_sampling=val_sampling,
-                       judge=judge_settings, grpo=grpo_settings, optim=_build(OptimizerSettings, optim, "optim"))
+                       judge=judge_settings, grpo=grpo_settings, optim=_build(OptimizerSettings, optim, "optim"), lora=lora)

@@ -28,6 +28,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from ruscarl_jax.judge.settings import JudgeSettings
+from ruscarl_jax.models.lora import LoraSettings
 from ruscarl_jax.models.sharding import DEFAULT_RULES
 from ruscarl_jax.rl.optimizer import OptimizerSettings
 from ruscarl_jax.rl.settings import GRPOSettings
@@ -98,6 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
         preset="",  # with source=hf and no checkpoint at hand: a models/presets.py name (the memory planner uses it)
         dtype="float32", param_dtype="float32", remat="none",
     ))
+    c.model.lora = section(LoraSettings)  # LoRA / QLoRA (models/lora.py; configs/tiny_lora.py): rank 0 = full fine-tuning
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.sharding_rules = tuple(DEFAULT_RULES)
 

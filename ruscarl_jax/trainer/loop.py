@@ -47,7 +47,7 @@ from ruscarl_jax.data.pipeline import BatchIterator, PipelineSettings
 from ruscarl_jax.evaluation import scoring
 from ruscarl_jax.judge.judge import Judge
 from ruscarl_jax.judge.telemetry import met_rate_tags, step_telemetry
-from ruscarl_jax.models import qwen
+from ruscarl_jax.models import lora, qwen
 from ruscarl_jax.models.sharding import global_to_host, host_to_global
 from ruscarl_jax.rl.optimizer import init_opt_state, make_optimizer
 from ruscarl_jax.rl.policy import qwen_policy
@@ -209,8 +209,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     data = BatchIterator(train_examples, PipelineSettings(batch_size=int(config.data.batch_size), seed=int(config.seed),  # global
                                                           num_epochs=config.data.num_epochs, shuffle=bool(config.data.shuffle)))
     optimizer = make_optimizer(settings.optim)
+    if settings.lora.enabled:  # frozen (maybe int8) base + trainable adapters; the KL reference is the base
+        params = lora.make_sharded_state(params, settings.lora, qwen.param_logical_axes(cfg), mesh, rules)
     reference = make_reference(params, settings.grpo)
-    opt_state = init_opt_state(optimizer, params)
+    opt_state = init_opt_state(optimizer, lora.split(params)[0])  # the trainable part only
     policy = qwen_policy(cfg, mesh, rules)
     step_fn = make_grpo_step(policy, settings.grpo, optimizer)
     routing = make_routing_pass(policy, settings.grpo) if routing_needed(cfg.is_moe, settings.grpo) else None
@@ -222,8 +224,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     overlap = bool(config.trainer.overlap_judge)
     saved_pending = None
     if start:
-        state, _, positioned = checkpoints.restore(start, {"params": params, "opt_state": opt_state}, data)
-        params, opt_state = state["params"], state["opt_state"]
+        state, _, positioned = checkpoints.restore(start, {"params": lora.split(params)[0], "opt_state": opt_state}, data)
+        params, opt_state = lora.join(state["params"], lora.split(params)[1]), state["opt_state"]
         if not positioned:  # written by another number of processes: every process consumed `start` batches
             logger.info("checkpoint %d was written by another process layout: skipping %d batches", start, start)
             for _ in range(start):
@@ -251,7 +253,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             raise RuntimeError(f"step {step}: {prompts.num_dropped} examples exceeded data.max_prompt_length after the load-time filter")
         if saved is not None:  # the pending rollout of an overlap run, from its checkpoint
             return rollout_from_saved(step, prompts, saved, tokenizer, data.get_state())
-        return collect(step, prompts, params, cfg, tokenizer, sampling, fold_step_key(base_key, step), mesh, rules,
+        return collect(step, prompts, lora.effective_params(params), cfg, tokenizer, sampling, fold_step_key(base_key, step), mesh, rules,
                        data.get_state(), routing=routing, interrupt=stop.poll)
 
     def stopped(done: int, sampled: Rollout | None, data_state: dict[str, Any], where: str) -> None:
@@ -260,7 +262,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         pending rollout. Step 0 is not saved: a restart from scratch is the same run."""
         saved = done > 0 and checkpoints.latest_step() != done
         if saved:
-            checkpoints.save(done, {"params": params, "opt_state": opt_state}, {"step": done, "total_steps": total},
+            checkpoints.save(done, {"params": lora.split(params)[0], "opt_state": opt_state}, {"step": done, "total_steps": total},
                              _FixedState(data_state),
                              pending=None if sampled is None else host_to_global(sample_arrays(sampled), mesh, rules))
         what = f"step {done} saved" if saved else f"step {done} already saved" if done else "nothing to save yet"
@@ -271,7 +273,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     done_state = data.get_state()  # the data position after the last completed step
     try:
         if val_examples and config.trainer.test_freq and start == 0:
-            scores = validate_policy(params, cfg, tokenizer, val_examples, judge, val_sampling, 0, int(config.seed),
+            scores = validate_policy(lora.effective_params(params), cfg, tokenizer, val_examples, judge, val_sampling, 0, int(config.seed),
                                      mesh, rules, stop, val_length)
             if scores is None:
                 stopped(0, None, done_state, "during the initial validation")
@@ -326,7 +328,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             })
             metrics.update(judge_metrics)
             if val_examples and config.trainer.test_freq and (step % int(config.trainer.test_freq) == 0 or step == total):
-                scores = validate_policy(params, cfg, tokenizer, val_examples, judge, val_sampling, step,
+                scores = validate_policy(lora.effective_params(params), cfg, tokenizer, val_examples, judge, val_sampling, step,
                                          int(config.seed), mesh, rules, stop, val_length)
                 if scores is None:
                     logger.warning("step %d: validation interrupted by a stop; the step is logged without it", step)
@@ -340,7 +342,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
             done_state = rollout.data_state
             stopping = stop.poll()  # every process, every step
             if checkpoints.should_save(step, total) or stopping:
-                checkpoints.save(step, {"params": params, "opt_state": opt_state},
+                checkpoints.save(step, {"params": lora.split(params)[0], "opt_state": opt_state},  # LoRA: the adapters
                                  {"step": step, "total_steps": total}, _FixedState(rollout.data_state),
                                  pending=None if pending is None else host_to_global(sample_arrays(pending), mesh, rules))
             if stopping:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ruscarl_jax.models import hf_io, presets, qwen
+from ruscarl_jax.models import hf_io, lora, presets, qwen
 from ruscarl_jax.models.sharding import batch_sharding, data_parallel_size, make_mesh
 from ruscarl_jax.rl.optimizer import make_optimizer, opt_state_shardings
 from ruscarl_jax.rl.policy import qwen_policy
@@ -68,14 +68,19 @@ def _layer_working_set(cfg: qwen.QwenConfig, rows: int, queries: int, keys: int,
 
 
 def _analytic(cfg: qwen.QwenConfig, settings: config_lib.RunSettings, state: dict[str, int], mesh_shape: dict[str, int],
-              rows: int, prompt: int, response: int, dp: int, kv_bytes: int, slots: int, max_len: int) -> dict[str, int]:
+              rows: int, prompt: int, response: int, dp: int, kv_bytes: int, slots: int, max_len: int,
+              trainable: int | None = None) -> dict[str, int]:
     g, tensor = settings.grpo, mesh_shape.get("tensor", 1)
     cb = dtype_bytes(g.compute_dtype)
     width = prompt + response
     param_elems = state["params"] // dtype_bytes(cfg.param_dtype)
+    trainable = param_elems if trainable is None else trainable  # LoRA: the adapters' element count
     terms = dict(state)
-    terms["gradients"] = param_elems * (4 + cb)  # the float32 sum over micro-batches and one micro-batch's
-    if g.compute_dtype != cfg.param_dtype:
+    terms["gradients"] = trainable * (4 + cb)  # the float32 sum over micro-batches and one micro-batch's
+    if trainable != param_elems:  # LoRA: the float32 adapters are cast, the base is stored in the compute dtype
+        if g.compute_dtype != "float32":
+            terms["compute-dtype params"] = trainable * cb
+    elif g.compute_dtype != cfg.param_dtype:
         terms["compute-dtype params"] = param_elems * cb
     # the engine samples from weights cast to the compute dtype once per rollout (a copy when the dtypes differ)
     pb, sb = dtype_bytes(cfg.param_dtype), dtype_bytes(cfg.dtype)
@@ -132,14 +137,18 @@ def plan_config(config: ml_collections.ConfigDict, target: Slice, devices: list[
 
     replicated = NamedSharding(mesh, PartitionSpec())
     params = abstract(qwen.param_shapes(cfg), qwen.param_shardings(cfg, mesh, rules))
+    if settings.lora.enabled:  # frozen (int8) base + float32 adapters; no reference copy (the base is it)
+        params = lora.abstract_state(params, qwen.param_logical_axes(cfg), settings.lora, mesh, rules)
+    trainable = lora.split(params)[0]
     optimizer = make_optimizer(settings.optim)
-    opt_state = abstract(jax.eval_shape(optimizer.init, params), opt_state_shardings(optimizer, params))
+    opt_state = abstract(jax.eval_shape(optimizer.init, trainable), opt_state_shardings(optimizer, trainable))
     state = {"params": per_device_bytes(params), "optimizer state": per_device_bytes(opt_state)}
-    if g.kl_active and not g.ref_in_host_memory:
+    if g.kl_active and not g.ref_in_host_memory and not settings.lora.enabled:
         state["reference policy"] = state["params"]
     layout = engine.plan(cfg, s, rows=rows, longest_prompt=int(config.data.max_prompt_length), mesh=mesh, rules=rules)
     terms = _analytic(cfg, settings, state, dict(mesh.shape), rows, prompt, response, dp,
-                      engine.kv_cache_bytes(cfg, layout, mesh, rules)[1], layout.slots, layout.pages_per_seq * layout.page_size)
+                      engine.kv_cache_bytes(cfg, layout, mesh, rules)[1], layout.slots, layout.pages_per_seq * layout.page_size,
+                      trainable=lora.count(trainable) if settings.lora.enabled else None)
     resident_all = sum(state.values())
 
     def arr(shape, dtype):
@@ -154,6 +163,9 @@ def plan_config(config: ml_collections.ConfigDict, target: Slice, devices: list[
     cast = cfg.dtype != cfg.param_dtype
     sparams = abstract(jax.eval_shape(lambda p: engine.cast_params(p, cfg.dtype), params),
                        jax.tree.map(lambda p: p.sharding, params))
+    if settings.lora.enabled:  # the engine samples from the (int8) base with the adapters inserted
+        to_engine = jax.jit(lambda p: engine.cast_params(lora.effective_params(p), cfg.dtype))
+        sparams = abstract(jax.eval_shape(to_engine, params), to_engine.lower(params).compile().output_shardings)
     during_rollout = resident_all - (0 if cast else state["params"])
     cache = engine._init_cache_jit.lower(cfg, layout, mesh, rules).compile().out_info
     a, pages = layout.slots, -(-prompt // layout.page_size)
