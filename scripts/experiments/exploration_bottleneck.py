@@ -196,7 +196,11 @@ def worker(args: argparse.Namespace) -> int:
                 log.info("training %s, %s, seed %d -> %s", numerics, arm, seed, directory)
                 shutil.rmtree(directory / "checkpoints", ignore_errors=True)
                 (directory / "metrics.jsonl").unlink(missing_ok=True)
-                train(run_config(numerics, arm, seed, args), directory)
+                config = run_config(numerics, arm, seed, args)
+                last = train(config, directory)
+                if last.get("step") != int(config.trainer.total_steps):  # stopped by a signal: not a finished run
+                    log.warning("%s stopped at step %s: left unfinished", directory, last.get("step"))
+                    return 1
                 (directory / "trained").write_text(f"{time.perf_counter() - t0:.1f}\n")
             result = evaluation.evaluate_policy(evaluation.load_final_params(directory), *common, ctx["seen"], args.best_of, seed)
         result["seconds"] = time.perf_counter() - t0
