@@ -140,8 +140,10 @@ def render(result: Mapping[str, Any]) -> str:
                                          for n in names) + " |", "|---|" + "---|" * len(names)]
     for a, b in CONTRASTS:
         key = f"{a} - {b}"
-        cells = [f"{_ci(result['numerics'][n]['contrasts'][key])} {result['numerics'][n]['contrasts'][key]['verdict']}"
-                 if key in result["numerics"][n]["contrasts"] else "no runs yet" for n in names]
+        cells = [("no runs yet" if key not in result["numerics"][n]["contrasts"] else
+                  f"{_ci(result['numerics'][n]['contrasts'][key])} "
+                  + (result["numerics"][n]["contrasts"][key]["verdict"] if result["numerics"][n]["complete"] else "(interim)"))
+                 for n in names]
         lines.append(f"| {labels[a]} − {labels[b]} | " + " | ".join(cells) + " |")
     for n in names:
         r = result["numerics"][n]
@@ -176,7 +178,7 @@ def render(result: Mapping[str, Any]) -> str:
                   + "; ".join(f"{k}: {x['unscaffolded']:.4f} without a scaffold, {x['scaffolded']:.4f} with every criterion shown"
                               for k, x in rates.items()) + "."]
     loads = "; ".join(f"{i['workers']} processes, {i['seconds'] / 60:.1f} min, load average {i['load_before'][0]:.1f} before "
-                      f"and {i['load_after'][0]:.1f} after" for i in result["invocations"])
+                      f"and {i['load_after'][0]:.1f} at the end" for i in result["invocations"]) or "no invocation recorded"
     lines += ["", f"Seeds {seeds[0]}-{seeds[-1]} pre-registered ({len(seeds)} per arm); {result['steps']} steps per run, "
               f"{result['runs']} runs finished. Wall time {result['wall_minutes']:.1f} min "
               f"({loads}; {result['invocations'][0]['cpu_count'] if result['invocations'] else '?'} CPU cores, shared); "

@@ -196,7 +196,11 @@ def worker(args: argparse.Namespace) -> int:
                 log.info("training %s, %s, seed %d -> %s", numerics, arm, seed, directory)
                 shutil.rmtree(directory / "checkpoints", ignore_errors=True)
                 (directory / "metrics.jsonl").unlink(missing_ok=True)
-                train(run_config(numerics, arm, seed, args), directory)
+                config = run_config(numerics, arm, seed, args)
+                last = train(config, directory)
+                if last.get("step") != int(config.trainer.total_steps):  # stopped by a signal: not a finished run
+                    log.warning("%s stopped at step %s: left unfinished", directory, last.get("step"))
+                    return 1
                 (directory / "trained").write_text(f"{time.perf_counter() - t0:.1f}\n")
             result = evaluation.evaluate_policy(evaluation.load_final_params(directory), *common, ctx["seen"], args.best_of, seed)
         result["seconds"] = time.perf_counter() - t0
@@ -209,8 +213,9 @@ def _load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def run_workers(args: argparse.Namespace, argv: list[str]) -> tuple[float, list[str]]:
-    """Run the pending jobs in args.workers processes; returns the wall seconds and failed workers' log tails."""
+def run_workers(args: argparse.Namespace, argv: list[str], record) -> tuple[float, list[str]]:
+    """Run the pending jobs in args.workers processes, calling record(wall seconds so far) at every poll
+    (so a killed invocation still leaves its time); returns the wall seconds and failed workers' log tails."""
     log = logging.getLogger("exploration_bottleneck")
     all_jobs = jobs(args)
     for job in all_jobs:  # claims of runs that never finished belong to a dead invocation
@@ -233,6 +238,7 @@ def run_workers(args: argparse.Namespace, argv: list[str]) -> tuple[float, list[
             for p, _ in procs:
                 if p.poll() is None:
                     p.terminate()
+        record(time.perf_counter() - start)
         done = sum((job_dir(args, j) / "result.json").exists() for j in all_jobs)
         log.info("%d/%d jobs done, %.1f min, load average %s", done, len(all_jobs), (time.perf_counter() - start) / 60,
                  _load_average())
@@ -267,15 +273,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.workdir} holds runs with other settings ({settings_file}); use a new --workdir", file=sys.stderr)
         return 2
     settings_file.write_text(json.dumps(recorded, indent=2))
-    load_before = _load_average()
-    seconds, failed = (0.0, []) if args.no_run else run_workers(args, argv)
-    wall_file = args.workdir / "wall.json"
+    load_before, wall_file = _load_average(), args.workdir / "wall.json"
     wall = json.loads(wall_file.read_text()) if wall_file.exists() else {"seconds": 0.0, "invocations": []}
-    if seconds:
-        wall["seconds"] += seconds
-        wall["invocations"].append({"seconds": round(seconds, 1), "workers": args.workers, "load_before": load_before,
-                                    "load_after": _load_average(), "cpu_count": os.cpu_count()})
+    previous = wall["seconds"]
+
+    def record(seconds: float) -> None:  # this invocation's entry, rewritten as it goes
+        entry = {"seconds": round(seconds, 1), "workers": args.workers, "load_before": load_before,
+                 "load_after": _load_average(), "cpu_count": os.cpu_count(), "started": started}
+        wall["invocations"] = [i for i in wall["invocations"] if i.get("started") != started] + [entry]
+        wall["seconds"] = previous + seconds
         wall_file.write_text(json.dumps(wall, indent=2))
+
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    seconds, failed = (0.0, []) if args.no_run else run_workers(args, argv, record)
+    if seconds:
+        record(seconds)
     if failed:
         print("\n\n".join(failed), file=sys.stderr)
         print("some runs failed; the finished ones are kept: run the command again to retry the rest", file=sys.stderr)
@@ -286,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     import curves
     curves.write_csv(rows, args.out / f"{args.name}.csv")
     curves.plot(rows, list(ARMS), ARMS, args.out / f"{args.name}.png",
-                numerics={n: NUMERICS[n][0].split(":")[0] for n in args.numerics},
-                title=f"Kind-rubric task: {len(args.seeds)} seeds per arm, mean and 95% bootstrap band of the mean")
+                numerics={n: NUMERICS[n][0].split(":")[0] for n in result["numerics"] if result["numerics"][n]["seeds"]},
+                title="Kind-rubric task: mean over seeds and 95% bootstrap band of the mean (seeds in the legends)")
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     block = bottleneck_report.render(result)
     print(block)
