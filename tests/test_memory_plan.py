@@ -15,8 +15,8 @@ from ruscarl_jax.models import qwen
 from ruscarl_jax.models.sharding import make_mesh
 from ruscarl_jax.rl.optimizer import OptimizerSettings, init_opt_state, make_optimizer
 from ruscarl_jax.trainer.config import ConfigError
-from ruscarl_jax.trainer.memory_plan import GiB, custom_slice, parse_slice, per_device_bytes
-from ruscarl_jax.trainer.step_memory import model_config, plan_config
+from ruscarl_jax.plan.memory_plan import GiB, custom_slice, parse_slice, per_device_bytes
+from ruscarl_jax.plan.step_memory import model_config, plan_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOLERANCE = 0.30  # the analytic peak of each program is within 30% of the compiled one (stated in docs/memory_plan.md)
@@ -137,3 +137,38 @@ def test_plan_script_errors_and_plan_only(tmp_path):
     assert result["fits"] and result["peak_bytes"] > 0
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained, nothing written
     assert math.isfinite(np.float64(result["peak_bytes"]))
+
+
+def _prefill_row(text):
+    return next(line for line in text.splitlines() if line.startswith("rollout prefill "))
+
+
+def test_plan_only_on_two_processes_plans_every_slot(tmp_path):
+    """trainer.plan_only on two processes (2 devices each, loopback) plans the job's global step: the same
+    per-device figures as one process with all 4 devices (each process planning only its own share of
+    the slots would halve the rollout's)."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = ["--config.trainer.plan_only=True", "--config.warm_start.path=", "--config.trainer.compilation_cache_dir=",
+             "--config.data.batch_size=8", "--config.rollout.num_generations=2"]
+    train = [sys.executable, "scripts/train.py"]
+
+    def env(devices):
+        return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+
+    procs = [subprocess.Popen(train + [f"--workdir={tmp_path / 'pair'}", *flags,
+                                       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                                       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+                                       "--config.distributed.cpu_collectives=gloo"],
+                              cwd=ROOT, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    single = subprocess.run(train + [f"--workdir={tmp_path / 'single'}", *flags], cwd=ROOT, env=env(4),
+                            capture_output=True, text=True, timeout=900)
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outs]
+    assert _prefill_row(outs[0][0]) == _prefill_row(single.stdout)

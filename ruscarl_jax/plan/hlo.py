@@ -152,66 +152,74 @@ def group_size(attrs: str, num_devices: int) -> int:
     return num_devices
 
 
-def _constant(comp: Computation, name: str, depth: int = 0) -> int | None:
-    """The integer value of `name` in `comp` when it is a constant (seen through copies and converts)."""
+_PASS_THROUGH = ("copy", "convert", "bitcast", "reshape", "broadcast", "bitcast-convert")
+
+
+def _linear(comp: Computation, name: str, env: dict[int, tuple[Computation, str, Any]] | None,
+            computations: dict[str, Computation], depth: int = 0) -> tuple[int | None, int] | None:
+    """`name` as (tuple index of the loop state, offset): element[index] + offset, or (None, c) for a constant
+    c; seen through copies, converts, adds of constants and fusion parameters; None if it is neither."""
     inst = comp.instructions.get(name)
-    if inst is None or depth > 8:
+    if inst is None or depth > 16:
         return None
-    if inst.opcode == "constant":
-        return int(inst.args) if re.fullmatch(r"\s*-?\d+\s*", inst.args) else None
-    if inst.opcode in ("copy", "convert", "bitcast", "reshape") and inst.operands:
-        return _constant(comp, inst.operands[0], depth + 1)
+    op = inst.opcode
+    if op == "constant":
+        return (None, int(inst.args)) if re.fullmatch(r"\s*-?\d+\s*", inst.args) else None
+    if op == "parameter":
+        number = int(inst.args) if inst.args.strip().isdigit() else -1
+        if env is not None and number in env:
+            outer, outer_name, outer_env = env[number]
+            return _linear(outer, outer_name, outer_env, computations, depth + 1)
+        return None
+    if op == "get-tuple-element":
+        source = comp.instructions.get(inst.operands[0]) if inst.operands else None
+        index = re.search(r"index=(\d+)", inst.attrs)
+        if source is not None and source.opcode == "parameter" and index and (env is None or not env):
+            return (int(index.group(1)), 0)
+        return None
+    if op in _PASS_THROUGH and inst.operands:
+        return _linear(comp, inst.operands[0], env, computations, depth + 1)
+    if op in ("add", "subtract") and len(inst.operands) == 2:
+        a = _linear(comp, inst.operands[0], env, computations, depth + 1)
+        b = _linear(comp, inst.operands[1], env, computations, depth + 1)
+        if a is None or b is None:
+            return None
+        sign = 1 if op == "add" else -1
+        if b[0] is None:
+            return (a[0], a[1] + sign * b[1])
+        if a[0] is None and op == "add":
+            return (b[0], a[1] + b[1])
+        return None
+    if op == "fusion":
+        fused = computations.get(_callee(inst.attrs, "calls") or "")
+        if fused is None or fused.root is None:
+            return None
+        inner_env = {i: (comp, o, env) for i, o in enumerate(inst.operands)}
+        return _linear(fused, fused.root.name, inner_env, computations, depth + 1)
     return None
 
 
-def _tuple_index(comp: Computation, name: str, depth: int = 0) -> int | None:
-    """The tuple index `name` reads from the computation's parameter (through copies and converts)."""
+def _compares(comp: Computation, name: str, env: Any, computations: dict[str, Computation], depth: int = 0):
+    """The compare instructions a loop condition's value is the conjunction of: (direction, lhs, rhs, env)."""
     inst = comp.instructions.get(name)
-    if inst is None or depth > 8:
-        return None
-    if inst.opcode == "get-tuple-element":
-        match = re.search(r"index=(\d+)", inst.attrs)
-        return int(match.group(1)) if match else None
-    if inst.opcode in ("copy", "convert", "bitcast", "reshape") and inst.operands:
-        return _tuple_index(comp, inst.operands[0], depth + 1)
-    return None
+    if inst is None or depth > 16:
+        return []
+    if inst.opcode == "compare" and len(inst.operands) == 2:
+        direction = re.search(r"direction=(\w+)", inst.attrs)
+        return [(direction.group(1) if direction else "", comp, inst.operands, env)]
+    if inst.opcode == "and":
+        return [c for o in inst.operands for c in _compares(comp, o, env, computations, depth + 1)]
+    if inst.opcode in _PASS_THROUGH and inst.operands:
+        return _compares(comp, inst.operands[0], env, computations, depth + 1)
+    if inst.opcode == "fusion":
+        fused = computations.get(_callee(inst.attrs, "calls") or "")
+        if fused is not None and fused.root is not None:
+            inner_env = {i: (comp, o, env) for i, o in enumerate(inst.operands)}
+            return _compares(fused, fused.root.name, inner_env, computations, depth + 1)
+    return []
 
 
-def trip_count(computations: dict[str, Computation], comp: Computation, loop: Instruction) -> int | None:
-    """Iterations of while-instruction `loop` (in `comp`): the compiler's known_trip_count, else read from
-    its condition `i < N` (or <=, >, >=, !=), the start value of i and the step the body adds; None if unread."""
-    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attrs)
-    if known:
-        return int(known.group(1))
-    cond = computations.get(_callee(loop.attrs, "condition") or "")
-    body = computations.get(_callee(loop.attrs, "body") or "")
-    if cond is None or body is None or cond.root is None or cond.root.opcode != "compare" or len(cond.root.operands) != 2:
-        return None
-    direction = re.search(r"direction=(\w+)", cond.root.attrs)
-    a, b = cond.root.operands
-    index, bound = _tuple_index(cond, a), _constant(cond, b)
-    flipped = False
-    if index is None or bound is None:
-        index, bound, flipped = _tuple_index(cond, b), _constant(cond, a), True
-    if index is None or bound is None or direction is None:
-        return None
-    init_tuple = comp.instructions.get(loop.operands[0]) if loop.operands else None
-    if init_tuple is None or init_tuple.opcode != "tuple" or index >= len(init_tuple.operands):
-        return None
-    start = _constant(comp, init_tuple.operands[index])
-    root = body.root
-    if start is None or root is None or root.opcode != "tuple" or index >= len(root.operands):
-        return None
-    update = body.instructions.get(root.operands[index])
-    if update is None or update.opcode not in ("add", "subtract") or len(update.operands) != 2:
-        return None
-    step = None
-    for x, y in (update.operands, update.operands[::-1]):
-        if _tuple_index(body, x) == index and _constant(body, y) is not None:
-            step = _constant(body, y) * (1 if update.opcode == "add" else -1)
-    if not step:
-        return None
-    op = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE"}.get(direction.group(1), direction.group(1)) if flipped else direction.group(1)
+def _iterations(op: str, start: int, step: int, bound: int) -> int | None:
     if op == "LT" and step > 0:
         return max(0, -(-(bound - start) // step))
     if op == "LE" and step > 0:
@@ -220,9 +228,49 @@ def trip_count(computations: dict[str, Computation], comp: Computation, loop: In
         return max(0, -(-(start - bound) // -step))
     if op == "GE" and step < 0:
         return max(0, (start - bound) // -step + 1)
-    if op == "NE" and (bound - start) % step == 0 and (bound - start) // step >= 0:
+    if op == "NE" and step and (bound - start) % step == 0 and (bound - start) // step >= 0:
         return (bound - start) // step
     return None
+
+
+def trip_count(computations: dict[str, Computation], comp: Computation, loop: Instruction) -> tuple[int | None, bool]:
+    """(iterations, exact) of while-instruction `loop` in `comp`: the compiler's known_trip_count, else read
+    from its condition `i < N` (<=, >, >=, != too), the start value of i and the step its body adds. A
+    condition that also tests something else (`i < N and any(active)`) gives N as an upper bound
+    (exact=False). (None, False) when it cannot be read."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attrs)
+    if known:
+        return int(known.group(1)), True
+    cond = computations.get(_callee(loop.attrs, "condition") or "")
+    body = computations.get(_callee(loop.attrs, "body") or "")
+    init = comp.instructions.get(loop.operands[0]) if loop.operands else None
+    if cond is None or body is None or cond.root is None or body.root is None or init is None:
+        return None, False
+    compares = _compares(cond, cond.root.name, None, computations)
+    flip = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE", "NE": "NE", "EQ": "EQ"}
+    counts = []
+    for direction, where, (a, b), env in compares:
+        la, lb = _linear(where, a, env, computations), _linear(where, b, env, computations)
+        if la is None or lb is None:
+            continue
+        if la[0] is not None and lb[0] is None:
+            index, bound, op = la[0], lb[1] - la[1], direction
+        elif lb[0] is not None and la[0] is None:
+            index, bound, op = lb[0], la[1] - lb[1], flip.get(direction, direction)
+        else:
+            continue
+        if init.opcode != "tuple" or index >= len(init.operands) or body.root.opcode != "tuple":
+            continue
+        start = _linear(comp, init.operands[index], None, computations)
+        update = _linear(body, body.root.operands[index], None, computations)
+        if start is None or start[0] is not None or update is None or update[0] != index:
+            continue
+        n = _iterations(op, start[1], update[1], bound)
+        if n is not None:
+            counts.append(n)
+    if not counts:
+        return None, False
+    return min(counts), len(counts) == len(compares)
 
 
 def _callee(attrs: str, key: str) -> str | None:
@@ -266,6 +314,7 @@ class Loop:
     name: str  # the while instruction
     op_name: str  # the JAX operation (e.g. ".../while" of a scan), when given
     trip_count: int | None  # None: not read from the HLO (counted as 1)
+    exact: bool  # False: trip_count is an upper bound (the loop may exit early)
     parents: tuple[str, ...]  # enclosing loops, outermost first
     per_iteration: dict[str, int]  # bytes per device by kind in one iteration (nested loops included)
 
@@ -282,12 +331,17 @@ class Kernel:
         return self.target == MOSAIC
 
 
+_BOOKKEEPING = ("AllocateBuffer", "AssumeGatherIndicesInBound")  # custom calls that are no kernel
+
+
 @dataclasses.dataclass(frozen=True)
 class HloSummary:
     collectives: tuple[tuple[Collective, int], ...]  # each with its executions per call of the program
     loops: tuple[Loop, ...]
     kernels: tuple[Kernel, ...]
     tiled_layouts: bool  # TPU tiled layouts (":T(8,128)") present: the TPU compiler built it
+    flops: float  # matmul / convolution / Mosaic-kernel FLOPs per device, loops multiplied out
+    flops_once: float  # the same with every loop body counted once (as XLA's cost analysis counts them)
 
     @property
     def per_step(self) -> dict[str, int]:
@@ -302,20 +356,60 @@ class HloSummary:
         return sum(c.wire_bytes * times for c, times in self.collectives)
 
     @property
+    def loop_scale(self) -> float:
+        """How much the loops multiply the program's matmul work: what a cost analysis that counts each loop
+        body once must be scaled by."""
+        return self.flops / self.flops_once if self.flops_once else 1.0
+
+    @property
     def mosaic_kernels(self) -> tuple[str, ...]:
         return tuple(sorted({k.name for k in self.kernels if k.mosaic}))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"per_step": self.per_step, "wire_bytes": self.wire_bytes,
+        return {"per_step": self.per_step, "wire_bytes": self.wire_bytes, "flops": self.flops,
+                "flops_once": self.flops_once, "tiled_layouts": self.tiled_layouts,
+                "mosaic_kernels": list(self.mosaic_kernels),
                 "loops": [dataclasses.asdict(loop) for loop in self.loops],
-                "kernels": [{**dataclasses.asdict(k), "mosaic": k.mosaic} for k in self.kernels],
-                "collectives": [{**dataclasses.asdict(c), "times": t} for c, t in self.collectives],
-                "tiled_layouts": self.tiled_layouts}
+                "kernels": [{**dataclasses.asdict(k), "mosaic": k.mosaic} for k in self.kernels
+                            if k.target not in _BOOKKEEPING],
+                "collectives": [{**dataclasses.asdict(c), "times": t} for c, t in self.collectives]}
 
 
 def _op_name(attrs: str) -> str:
     match = re.search(r'op_name="([^"]*)"', attrs)
     return match.group(1) if match else ""
+
+
+def _dims(shape: str) -> list[int]:
+    match = _ARRAY.search(shape)
+    return [int(d) for d in match.group(2).split(",") if d] if match else []
+
+
+def _flops(inst: Instruction, comp: Computation) -> float:
+    """FLOPs of a dot, a convolution (how the TPU compiler writes matmuls) or a Mosaic kernel (its own
+    cost estimate); 0 for anything else."""
+    if inst.opcode == "custom-call":
+        match = re.search(r'"cost_estimate":\{"flops":"(\d+)"', inst.attrs)
+        return float(match.group(1)) if match else 0.0
+    if inst.opcode not in ("dot", "convolution") or len(inst.operands) < 2:
+        return 0.0
+    out = math.prod(_dims(inst.shape))
+    lhs = comp.instructions.get(inst.operands[0])
+    rhs = comp.instructions.get(inst.operands[1])
+    if inst.opcode == "dot":
+        contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", inst.attrs)
+        if lhs is None or contracting is None:
+            return 0.0
+        dims = _dims(lhs.shape)
+        return 2.0 * out * math.prod(dims[int(d)] for d in contracting.group(1).split(",") if d)
+    labels = re.search(r"dim_labels=[^_]*_([^-]*)->", inst.attrs)
+    if rhs is None or labels is None:
+        return 0.0
+    kernel = _dims(rhs.shape)
+    o = labels.group(1).find("o")
+    if o < 0 or o >= len(kernel):
+        return 0.0
+    return 2.0 * out * math.prod(kernel) / max(1, kernel[o])
 
 
 def _collective_bytes(kind: str, inst: Instruction, comp: Computation) -> int:
@@ -329,9 +423,13 @@ def _collective_bytes(kind: str, inst: Instruction, comp: Computation) -> int:
     return shape_bytes(arrays[0]) if arrays else 0
 
 
+_DONE = ("async-done", "async-update", "all-gather-done", "all-reduce-done", "collective-permute-done")
+
+
 def analyze(text: str, num_devices: int = 1) -> HloSummary:
-    """The collectives (per device, by kind, per loop iteration with trip counts) and custom-call kernels
-    of an optimized HLO module's text. `num_devices`: the group size of collectives with empty groups."""
+    """The collectives (per device, by kind, per loop iteration with trip counts), custom-call kernels and
+    matmul FLOPs of an optimized HLO module's text. `num_devices`: the group size of collectives with
+    empty replica groups."""
     computations = parse(text)
     entry = next((c for c in computations.values() if c.entry), None)
     if entry is None:
@@ -339,8 +437,9 @@ def analyze(text: str, num_devices: int = 1) -> HloSummary:
     found: list[tuple[Collective, int]] = []
     kernels: dict[tuple[str, str, str], int] = {}
     loops: dict[str, dict[str, Any]] = {}
+    flops = [0.0, 0.0]
 
-    def visit(comp: Computation, times: int, stack: tuple[tuple[str, int], ...], as_kind: str | None, depth: int,
+    def visit(comp: Computation, times: int, stack: tuple[str, ...], as_kind: str | None, depth: int,
               caller_op: str = "") -> None:
         if depth > 64:
             return
@@ -350,22 +449,25 @@ def analyze(text: str, num_devices: int = 1) -> HloSummary:
                 if kind == "all-reduce" and as_kind:
                     kind = as_kind
                 found.append((Collective(kind, _collective_bytes(kind, inst, comp), group_size(inst.attrs, num_devices),
-                                         inst.name, _op_name(inst.attrs) or caller_op, tuple(n for n, _ in stack)), times))
+                                         inst.name, _op_name(inst.attrs) or caller_op, stack), times))
+            work = _flops(inst, comp)
+            flops[0] += work * times
+            flops[1] += work
             if inst.opcode == "custom-call":
                 target = re.search(r'custom_call_target="([^"]*)"', inst.attrs)
                 key = (target.group(1) if target else "?", re.sub(r"(\.\d+)+$", "", inst.name), _op_name(inst.attrs))
                 kernels[key] = kernels.get(key, 0) + times
-            if inst.opcode in ("async-done", "async-update", "all-gather-done", "all-reduce-done",
-                               "collective-permute-done"):
+            if inst.opcode in _DONE:
                 continue
             callees = _callees(inst)
             if inst.opcode == "while":
-                trips = trip_count(computations, comp, inst)
-                loops[inst.name] = {"op_name": _op_name(inst.attrs), "trip_count": trips, "parents": tuple(n for n, _ in stack)}
-                inner = stack + ((inst.name, trips if trips is not None else 1),)
+                trips, exact = trip_count(computations, comp, inst)
+                loops[inst.name] = {"op_name": _op_name(inst.attrs), "trip_count": trips, "exact": exact,
+                                    "parents": stack}
                 for key, name in callees:
                     if key == "body" and name in computations:
-                        visit(computations[name], times * (trips if trips is not None else 1), inner, None, depth + 1)
+                        visit(computations[name], times * (trips if trips is not None else 1), stack + (inst.name,),
+                              None, depth + 1)
                 continue
             for key, name in callees:
                 if name in computations and (key != "to_apply" or inst.opcode == "call"):
@@ -382,10 +484,15 @@ def analyze(text: str, num_devices: int = 1) -> HloSummary:
             if name in c.loops:
                 inner = c.loops[c.loops.index(name) + 1:]
                 per_iteration[c.kind] += c.bytes * math.prod(trips[n] for n in inner)
-        summaries.append(Loop(name, info["op_name"], info["trip_count"], info["parents"], per_iteration))
+        summaries.append(Loop(name, info["op_name"], info["trip_count"], info["exact"], info["parents"], per_iteration))
     kernel_list = tuple(Kernel(t, n, o, count) for (t, n, o), count in sorted(kernels.items()))
-    return HloSummary(tuple(found), tuple(summaries), kernel_list, ":T(" in text)
+    return HloSummary(tuple(found), tuple(summaries), kernel_list, ":T(" in text, flops[0], flops[1])
 
 
-def summary_json(summary: HloSummary) -> str:
-    return json.dumps(summary.to_dict(), indent=1)
+def main_loop(summary: HloSummary) -> Loop | None:
+    """The outermost loop that moves the most bytes per call (the decode chunk's token loop, the update's
+    minibatch scan), or None."""
+    outer = [loop for loop in summary.loops if not loop.parents]
+    if not outer:
+        return None
+    return max(outer, key=lambda loop: (sum(loop.per_iteration.values()) * (loop.trip_count or 1), loop.trip_count or 0))
