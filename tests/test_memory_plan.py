@@ -82,9 +82,10 @@ def _plan_script(tmp_path, *args, flags="--xla_force_host_platform_device_count=
 
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_compiled_peak_agrees_with_the_analytic_estimate(tmp_path, remat):
-    out, plan = _plan_script(tmp_path, "--slice=v5e-8", *SCALED, f"--config.model.remat={remat}")
+    out, plan = _plan_script(tmp_path, "--slice=v5e-8", "--backend=cpu", *SCALED, f"--config.model.remat={remat}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert [p["name"] for p in plan["programs"]] == ["rollout prefill", "rollout decode", "log-probs", "GRPO update"]
+    assert plan["backend"].startswith("emulated CPU devices (--backend=cpu")
     config = _config(remat)
     cfg = model_config(config)
     terms = plan["analytic_terms"]
@@ -172,3 +173,14 @@ def test_plan_only_on_two_processes_plans_every_slot(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
     assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outs]
     assert _prefill_row(outs[0][0]) == _prefill_row(single.stdout)
+
+
+def test_gpu_slices_stay_emulated_and_say_so():
+    from ruscarl_jax.plan.step_memory import _target_mesh
+
+    config = tiny.get_config()
+    mesh, backend = _target_mesh(config, parse_slice("h100-8"), None, "auto")
+    assert {d.platform for d in mesh.devices.flat} == {"cpu"} and mesh.devices.size == 8
+    assert backend.startswith("emulated CPU devices (GPU slices cannot be cross-compiled")
+    mesh, backend = _target_mesh(config, parse_slice("v5e-8"), None, "cpu")
+    assert {d.platform for d in mesh.devices.flat} == {"cpu"} and "--backend=cpu" in backend

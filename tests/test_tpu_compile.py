@@ -81,6 +81,23 @@ def test_megablox_is_a_mosaic_kernel_in_the_tpu_program():
     assert hlo.analyze(cpu.as_text()).mosaic_kernels == ()
 
 
+def test_matmul_flops_match_the_einsum_count():
+    """FLOPs read from the TPU HLO (where the compiler writes a batched matmul as a dilated convolution)
+    against 2 x M x N x K of each einsum, and against XLA's own cost analysis."""
+    mesh = topology.tpu_mesh("v5e-1", {})
+
+    def f(q, k, w):
+        return jnp.einsum("bqhd,bkhd->bhqk", q, k), jnp.einsum("bqe,ef->bqf", q.reshape(4, 256, 512), w)
+
+    compiled = jax.jit(f).lower(_sds((4, 256, 4, 128), jnp.bfloat16, mesh), _sds((4, 256, 4, 128), jnp.bfloat16, mesh),
+                                _sds((512, 1024), jnp.bfloat16, mesh)).compile()
+    expected = 2 * 4 * 4 * 256 * 256 * 128 + 2 * 4 * 256 * 512 * 1024
+    summary = hlo.analyze(compiled.as_text())
+    assert summary.flops == summary.flops_once == expected
+    cost = compiled.cost_analysis()
+    assert (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"] == pytest.approx(expected, rel=0.01)
+
+
 def test_trip_count_and_group_parsing():
     assert hlo.group_size("replica_groups=[2,4]<=[8]", 8) == 4
     assert hlo.group_size("replica_groups={{0,1,2,3},{4,5,6,7}}", 8) == 4
@@ -120,7 +137,7 @@ def test_tiny_step_compiles_for_v5p(tiny_v5p):
         assert p.hlo.tiled_layouts, p.name  # TPU tiled layouts: built by the TPU compiler, not for CPU
         assert p.peak > 0 and p.flops > 0
     decode = plan.programs[1]
-    (loop,) = [loop for loop in decode.hlo.loops if not loop.parents]
+    loop = hlo.main_loop(decode.hlo)
     # the chunk loop runs at most check_every steps and exits early when every slot is done
     assert (loop.trip_count, loop.exact) == (16, False)
     pred = plan.predictions()
@@ -142,7 +159,8 @@ def test_decode_step_moves_at_most_its_activations(tiny_v5p):
     config, plan = tiny_v5p
     cfg = model_config(config)
     decode = plan.programs[1]
-    (loop,) = [loop for loop in decode.hlo.loops if not loop.parents]
+    loop = hlo.main_loop(decode.hlo)
+    assert (loop.trip_count, loop.exact) == (16, False)
     slots = int(config.data.batch_size) * int(config.rollout.num_generations)
     bound = _decode_bound(cfg, slots, 4)
     # the bound is below what moving the weights or the KV cache once per step would cost, so it can fail
@@ -156,7 +174,8 @@ def test_update_moves_at_most_three_model_copies_per_minibatch(tiny_v5p):
     config, plan = tiny_v5p
     cfg = model_config(config)
     update = plan.programs[-1]
-    (loop,) = [loop for loop in update.hlo.loops if not loop.parents]
+    loop = hlo.main_loop(update.hlo)
+    assert loop.trip_count == 64 // 32  # rows / ppo_mini_batch_size minibatches
     moved = sum(loop.per_iteration.values())
     assert cfg.num_params * 4 <= moved <= 3 * cfg.num_params * 4, loop.per_iteration
 

@@ -203,7 +203,7 @@ def _compares(comp: Computation, name: str, env: Any, computations: dict[str, Co
     """The compare instructions a loop condition's value is the conjunction of: (direction, lhs, rhs, env)."""
     inst = comp.instructions.get(name)
     if inst is None or depth > 16:
-        return []
+        return [("", comp, (), env)]  # a term that is no comparison: the loop may end otherwise too
     if inst.opcode == "compare" and len(inst.operands) == 2:
         direction = re.search(r"direction=(\w+)", inst.attrs)
         return [(direction.group(1) if direction else "", comp, inst.operands, env)]
@@ -216,7 +216,7 @@ def _compares(comp: Computation, name: str, env: Any, computations: dict[str, Co
         if fused is not None and fused.root is not None:
             inner_env = {i: (comp, o, env) for i, o in enumerate(inst.operands)}
             return _compares(fused, fused.root.name, inner_env, computations, depth + 1)
-    return []
+    return [("", comp, (), env)]
 
 
 def _iterations(op: str, start: int, step: int, bound: int) -> int | None:
@@ -249,7 +249,10 @@ def trip_count(computations: dict[str, Computation], comp: Computation, loop: In
     compares = _compares(cond, cond.root.name, None, computations)
     flip = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE", "NE": "NE", "EQ": "EQ"}
     counts = []
-    for direction, where, (a, b), env in compares:
+    for direction, where, operands, env in compares:
+        if len(operands) != 2:
+            continue
+        a, b = operands
         la, lb = _linear(where, a, env, computations), _linear(where, b, env, computations)
         if la is None or lb is None:
             continue
@@ -406,10 +409,16 @@ def _flops(inst: Instruction, comp: Computation) -> float:
     if rhs is None or labels is None:
         return 0.0
     kernel = _dims(rhs.shape)
-    o = labels.group(1).find("o")
-    if o < 0 or o >= len(kernel):
+    i = labels.group(1).find("i")
+    if i < 0 or i >= len(kernel):
         return 0.0
-    return 2.0 * out * math.prod(kernel) / max(1, kernel[o])
+    # input features x the window, less the holes of a dilated input (the TPU compiler writes batched
+    # matmuls as convolutions whose window steps over an lhs-dilated batch: one real term per window)
+    window = re.search(r"window=\{size=([0-9x]+)", inst.attrs)
+    dilate = re.search(r"lhs_dilate=([0-9x]+)", inst.attrs)
+    taps = math.prod(int(d) for d in window.group(1).split("x")) if window else 1
+    holes = math.prod(int(d) for d in dilate.group(1).split("x")) if dilate else 1
+    return 2.0 * out * kernel[i] * max(1.0, taps / holes)
 
 
 def _collective_bytes(kind: str, inst: Instruction, comp: Computation) -> int:
