@@ -155,7 +155,8 @@ def test_plan_only_on_two_processes_plans_every_slot(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     flags = ["--config.trainer.plan_only=True", "--config.warm_start.path=", "--config.trainer.compilation_cache_dir=",
-             "--config.data.batch_size=8", "--config.rollout.num_generations=2"]
+             "--config.data.batch_size=8", "--config.rollout.num_generations=2", "--config.grpo.ppo_mini_batch_size=16",
+             "--config.grpo.ppo_micro_batch_size=8"]
     train = [sys.executable, "scripts/train.py"]
 
     def env(devices):

@@ -154,6 +154,19 @@ def plan_config(config: ml_collections.ConfigDict, target: Slice, devices: list[
     processes = jax.process_count()
     settings = config_lib.validate(config, num_devices=target.devices, process_count=processes, check_paths=False)
     mesh, compiled_by = _target_mesh(config, target, devices, backend)
+    if mesh.devices.flat[0].platform != "tpu":
+        return _plan(config, target, settings, mesh, compiled_by, processes)
+    # compile-only TPU executables cannot be read back from JAX's persistent cache on this host: keep them out
+    cached = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return _plan(config, target, settings, mesh, compiled_by, processes)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cached)
+
+
+def _plan(config: ml_collections.ConfigDict, target: Slice, settings: config_lib.RunSettings, mesh: Any,
+          compiled_by: str, processes: int) -> Plan:
     rules = rules_from_config(config)
     cfg = model_config(config)
     g, s = settings.grpo, settings.sampling
