@@ -180,6 +180,7 @@ def test_update_moves_at_most_three_model_copies_per_minibatch(tiny_v5p):
     assert cfg.num_params * 4 <= moved <= 3 * cfg.num_params * 4, loop.per_iteration
 
 
+@pytest.mark.timeout(3600)  # five MoE programs with megablox: minutes of TPU compilation on 2 busy cores
 def test_moe_step_plans_routing_and_runs_megablox(moe_v6e):
     _, plan = moe_v6e
     names = [p.name for p in plan.programs]
