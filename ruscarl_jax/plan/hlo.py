@@ -19,7 +19,6 @@ of one iteration. Collectives the TPU compiler fuses (an all-reduce followed by 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from typing import Any
