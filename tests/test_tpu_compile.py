@@ -197,6 +197,7 @@ def test_pallas_paged_attention_on_one_chip():
     """One page group (one data shard): the decode step runs the Pallas paged-attention kernel."""
     config = tiny.get_config()
     config.data.batch_size = 2
+    config.grpo.update(dict(ppo_mini_batch_size=16, ppo_micro_batch_size=16))  # 2 prompts x 8 generations
     plan = plan_config(config, parse_slice("v5e-1"))
     decode = plan.programs[1]
     assert any("paged_attention" in k for k in decode.hlo.mosaic_kernels), decode.hlo.mosaic_kernels

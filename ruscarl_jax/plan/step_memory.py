@@ -271,8 +271,8 @@ def local_slice() -> Slice:
     (on CPU, which reports none, the host's memory split over the local devices)."""
     import os
 
-    devices = jax.devices()
-    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+    devices, local = jax.devices(), jax.local_devices()[0]  # memory stats: of an addressable device
+    stats = local.memory_stats() if hasattr(local, "memory_stats") else None
     limit = (stats or {}).get("bytes_limit")
     if not limit:
         limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, jax.local_device_count())
