@@ -18,7 +18,7 @@ import jax  # noqa: E402
 from ruscarl_jax.models import hf_io, lora, presets, qwen  # noqa: E402
 from ruscarl_jax.models.sharding import DEFAULT_RULES, make_mesh  # noqa: E402
 from ruscarl_jax.rl.optimizer import OptimizerSettings, make_optimizer, opt_state_shardings  # noqa: E402
-from ruscarl_jax.trainer.memory_plan import abstract, per_device_bytes  # noqa: E402
+from ruscarl_jax.plan.memory_plan import abstract, per_device_bytes  # noqa: E402
 name, mesh_shape = sys.argv[2], dict(ast.literal_eval(sys.argv[3]))  # a dict literal of mesh axis sizes
 mesh = make_mesh(mesh_shape)
 opt = make_optimizer(OptimizerSettings())

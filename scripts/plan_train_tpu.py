@@ -5,7 +5,7 @@ and the compiler's FLOPs and predicted seconds (``cost_analysis``).
     ALLOW_MULTIPLE_LIBTPU_LOAD=1 python scripts/plan_train_tpu.py --config=configs/qwen7b.py --slice=v5p-64
     ... --config.grpo.micro_token_budget=None --config.grpo.logprob_token_budget=None   # unpacked rows
 
-The programs are those of ``trainer/step_memory.plan_config`` (rollout prefill and decode, log-prob pass,
+The programs are those of ``plan/step_memory.plan_config`` (rollout prefill and decode, log-prob pass,
 GRPO update) compiled on the slice's chips instead of emulated CPU devices. Predicted MFU: the compiler's
 FLOPs per chip over (its predicted seconds x the chip's peak bf16 FLOP/s). A packed program's loop runs
 its worst case (every micro-batch non-empty): at run time empty micro-batches are skipped.
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> None:
 
     from jax.experimental import topologies
 
-    from ruscarl_jax.trainer import memory_plan, step_memory
+    from ruscarl_jax.plan import memory_plan, step_memory
 
     count = int(_args.slice.split("-")[1])
     chips = count // 2

@@ -39,6 +39,8 @@ def main(argv):
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    if last and "fits" in last:  # trainer.plan_only: the plan was printed; nothing was trained
+        return 0
     if last:
         print(f"done: step {last['step']} reward_mean={last.get('reward_mean'):.4f} -> {workdir}")
     run_dir = storage.resolve_path(workdir, base=os.getcwd())

@@ -15,8 +15,8 @@ from ruscarl_jax.models import qwen
 from ruscarl_jax.models.sharding import make_mesh
 from ruscarl_jax.rl.optimizer import OptimizerSettings, init_opt_state, make_optimizer
 from ruscarl_jax.trainer.config import ConfigError
-from ruscarl_jax.trainer.memory_plan import GiB, custom_slice, parse_slice, per_device_bytes
-from ruscarl_jax.trainer.step_memory import model_config, plan_config
+from ruscarl_jax.plan.memory_plan import GiB, custom_slice, parse_slice, per_device_bytes
+from ruscarl_jax.plan.step_memory import model_config, plan_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOLERANCE = 0.30  # the analytic peak of each program is within 30% of the compiled one (stated in docs/memory_plan.md)
@@ -82,9 +82,10 @@ def _plan_script(tmp_path, *args, flags="--xla_force_host_platform_device_count=
 
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_compiled_peak_agrees_with_the_analytic_estimate(tmp_path, remat):
-    out, plan = _plan_script(tmp_path, "--slice=v5e-8", *SCALED, f"--config.model.remat={remat}")
+    out, plan = _plan_script(tmp_path, "--slice=v5e-8", "--backend=cpu", *SCALED, f"--config.model.remat={remat}")
     assert out.returncode == 0, out.stderr[-3000:]
     assert [p["name"] for p in plan["programs"]] == ["rollout prefill", "rollout decode", "log-probs", "GRPO update"]
+    assert plan["backend"].startswith("emulated CPU devices (--backend=cpu")
     config = _config(remat)
     cfg = model_config(config)
     terms = plan["analytic_terms"]
@@ -137,3 +138,50 @@ def test_plan_script_errors_and_plan_only(tmp_path):
     assert result["fits"] and result["peak_bytes"] > 0
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained, nothing written
     assert math.isfinite(np.float64(result["peak_bytes"]))
+
+
+def _prefill_row(text):
+    return next(line for line in text.splitlines() if line.startswith("rollout prefill "))
+
+
+def test_plan_only_on_two_processes_plans_every_slot(tmp_path):
+    """trainer.plan_only on two processes (2 devices each, loopback) plans the job's global step: the same
+    per-device figures as one process with all 4 devices (each process planning only its own share of
+    the slots would halve the rollout's)."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = ["--config.trainer.plan_only=True", "--config.warm_start.path=", "--config.trainer.compilation_cache_dir=",
+             "--config.data.batch_size=8", "--config.rollout.num_generations=2", "--config.grpo.ppo_mini_batch_size=16",
+             "--config.grpo.ppo_micro_batch_size=8"]
+    train = [sys.executable, "scripts/train.py"]
+
+    def env(devices):
+        return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+
+    procs = [subprocess.Popen(train + [f"--workdir={tmp_path / 'pair'}", *flags,
+                                       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                                       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+                                       "--config.distributed.cpu_collectives=gloo"],
+                              cwd=ROOT, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    single = subprocess.run(train + [f"--workdir={tmp_path / 'single'}", *flags], cwd=ROOT, env=env(4),
+                            capture_output=True, text=True, timeout=900)
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert all(p.returncode == 0 for p in procs), [err[-3000:] for _, err in outs]
+    assert _prefill_row(outs[0][0]) == _prefill_row(single.stdout)
+
+
+def test_gpu_slices_stay_emulated_and_say_so():
+    from ruscarl_jax.plan.step_memory import _target_mesh
+
+    config = tiny.get_config()
+    mesh, backend = _target_mesh(config, parse_slice("h100-8"), None, "auto")
+    assert {d.platform for d in mesh.devices.flat} == {"cpu"} and mesh.devices.size == 8
+    assert backend.startswith("emulated CPU devices (GPU slices cannot be cross-compiled")
+    mesh, backend = _target_mesh(config, parse_slice("v5e-8"), None, "cpu")
+    assert {d.platform for d in mesh.devices.flat} == {"cpu"} and "--backend=cpu" in backend

@@ -286,8 +286,8 @@ def test_memory_plan_compiles_the_routing_pass_when_the_run_records_routing(repl
     """The memory plan lowers the same routing pass the trainer runs (rl.routing.make_routing_pass), and
     only when the run records routing."""
     from configs import tiny_moe
-    from ruscarl_jax.trainer.memory_plan import custom_slice
-    from ruscarl_jax.trainer.step_memory import plan_config
+    from ruscarl_jax.plan.memory_plan import custom_slice
+    from ruscarl_jax.plan.step_memory import plan_config
 
     c = tiny_moe.get_config()
     c.grpo.routing_replay = replay

@@ -1,6 +1,6 @@
 """Architectures of the public Qwen checkpoints, as their Hugging Face ``config.json`` would give them.
 
-They let the memory planner (``trainer/memory_plan.py``) build the real model shapes of a paper config
+They let the memory planner (``plan/memory_plan.py``) build the real model shapes of a paper config
 without the weights on disk. Values are the published config.json fields of each model on the hub.
 """
 from __future__ import annotations

@@ -177,7 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                            d.process_id if d.process_id >= 0 else None, cpu_collectives=d.cpu_collectives or None)
     settings = config_lib.validate(config, num_devices=jax.device_count(), process_count=jax.process_count())
     if config.trainer.get("plan_only", False):  # compile the step's programs, print their memory, train nothing
-        from ruscarl_jax.trainer.step_memory import local_slice, plan_config
+        from ruscarl_jax.plan.step_memory import local_slice, plan_config
 
         plan = plan_config(config, local_slice())
         if jax.process_index() == 0:

@@ -1,16 +1,19 @@
-"""The memory plan of one training step of a config: its programs compiled on abstract inputs.
+"""The plan of one training step of a config: its programs compiled on abstract inputs.
 
-    plan = plan_config(config, parse_slice("v5p-64"))
+    plan = plan_config(config, parse_slice("v5p-64"))   # the TPU compiler, for a v5p-64's 32 chips
     print(plan.report())        # per program and device, ending "fits: yes|no (peak X GiB of Y GiB per device)"
 
 The programs are the trainer's own (the rollout engine's prefill and decode chunk at the configured slots
-and pages, the log-prob pass, the GRPO update with the optimizer state), lowered with the config's shapes
-and shardings: rows = data.batch_size x rollout.num_generations (global), prompts at
-data.max_prompt_length (bucketed), responses at rollout.max_new_tokens, every slot prefilled at once and
-decoding with a full-length page table, so the plan is of the worst step the config allows.
+and pages, MoE's rollout-routing pass, the log-prob pass, the GRPO update with the optimizer state),
+lowered with the config's shapes and shardings: rows = data.batch_size x rollout.num_generations (global),
+prompts at data.max_prompt_length (bucketed), responses at rollout.max_new_tokens, every slot prefilled at
+once and decoding with a full-length page table, so the plan is of the worst step the config allows (and
+its time prediction assumes every response runs to max_new_tokens).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 from typing import Any
 
@@ -27,9 +30,9 @@ from ruscarl_jax.rl.routing import make_routing_pass, routing_needed
 from ruscarl_jax.rl.train_step import grpo_update, rollout_logprobs
 from ruscarl_jax.sampler import engine
 from ruscarl_jax.sampler.settings import bucket_length
+from ruscarl_jax.plan.memory_plan import (Plan, Slice, StepModel, abstract, advice, compile_program, dtype_bytes,
+                                          per_device_bytes, rows_per_device)
 from ruscarl_jax.trainer import config as config_lib
-from ruscarl_jax.trainer.memory_plan import (Plan, Slice, abstract, advice, compile_program, dtype_bytes,
-                                             per_device_bytes, rows_per_device)
 from ruscarl_jax.trainer.setup import rules_from_config
 
 
@@ -119,14 +122,60 @@ def _analytic(cfg: qwen.QwenConfig, settings: config_lib.RunSettings, state: dic
     return terms
 
 
-def plan_config(config: ml_collections.ConfigDict, target: Slice, devices: list[jax.Device] | None = None) -> Plan:
-    """Compile the step's programs for `config` on the first `target.devices` devices; the Plan."""
+def active_params(cfg: qwen.QwenConfig) -> int:
+    """Parameters a token passes through (a MoE layer's top-k experts only)."""
+    idle = sum(cfg.sparse_layers) * (cfg.num_experts - cfg.num_experts_per_tok) * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    return cfg.num_params - (idle if cfg.is_moe else 0)
+
+
+def routing_rows(rows: int, local_dp: int, max_rows: int = 64) -> int:
+    """Rows per call of the MoE rollout-routing pass, as trainer/rollout.rollout_routing chooses them."""
+    return next((c for c in range(min(max_rows, rows), 0, -1) if rows % c == 0 and c % local_dp == 0), rows)
+
+
+def _target_mesh(config: ml_collections.ConfigDict, target: Slice, devices: list[jax.Device] | None,
+                 backend: str) -> tuple[Any, str]:
+    """The mesh to compile for and what compiles: the TPU compiler for a TPU slice (unless backend='cpu'),
+    else the given / this process's devices (emulated CPU devices for a GPU slice)."""
+    if target.tpu and backend != "cpu" and devices is None:
+        from ruscarl_jax.plan import topology
+
+        mesh = topology.tpu_mesh(target.name, dict(config.mesh))
+        return mesh, f"the TPU compiler (libtpu), topology {topology.tpu_topology(target.name).topology_name}"
     devices = list(jax.devices() if devices is None else devices)
     if len(devices) < target.devices:
         raise ValueError(f"the plan of {target.name} needs {target.devices} devices; this process has {len(devices)} "
                          f"(start it with XLA_FLAGS=--xla_force_host_platform_device_count={target.devices})")
-    settings = config_lib.validate(config, num_devices=target.devices, process_count=1, check_paths=False)
     mesh = make_mesh(dict(config.mesh), devices[: target.devices])
+    platform = devices[0].platform
+    if platform == "cpu" and target.family:
+        kind = "GPU slices cannot be cross-compiled" if not target.tpu else "--backend=cpu"
+        return mesh, f"emulated CPU devices ({kind}: XLA's CPU buffer assignment and kernels stand in for the {target.family}'s)"
+    return mesh, f"this job's {platform} devices"
+
+
+def plan_config(config: ml_collections.ConfigDict, target: Slice, devices: list[jax.Device] | None = None,
+                backend: str = "auto") -> Plan:
+    """Compile the step's programs for `config` on `target`; the Plan. A TPU slice compiles with the TPU
+    compiler for its topology (backend='cpu': on emulated CPU devices); otherwise on the first
+    `target.devices` of `devices` (default: this job's). Several processes (trainer.plan_only) plan the
+    global step: every slot and row of the job."""
+    processes = jax.process_count()
+    settings = config_lib.validate(config, num_devices=target.devices, process_count=processes, check_paths=False)
+    mesh, compiled_by = _target_mesh(config, target, devices, backend)
+    if mesh.devices.flat[0].platform != "tpu":
+        return _plan(config, target, settings, mesh, compiled_by, processes)
+    # compile-only TPU executables cannot be read back from JAX's persistent cache on this host: keep them out
+    cached = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return _plan(config, target, settings, mesh, compiled_by, processes)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cached)
+
+
+def _plan(config: ml_collections.ConfigDict, target: Slice, settings: config_lib.RunSettings, mesh: Any,
+          compiled_by: str, processes: int) -> Plan:
     rules = rules_from_config(config)
     cfg = model_config(config)
     g, s = settings.grpo, settings.sampling
@@ -145,9 +194,12 @@ def plan_config(config: ml_collections.ConfigDict, target: Slice, devices: list[
     state = {"params": per_device_bytes(params), "optimizer state": per_device_bytes(opt_state)}
     if g.kl_active and not g.ref_in_host_memory and not settings.lora.enabled:
         state["reference policy"] = state["params"]
-    layout = engine.plan(cfg, s, rows=rows, longest_prompt=int(config.data.max_prompt_length), mesh=mesh, rules=rules)
+    # the engine plans each process's share of the rows and slots; the step's programs hold every process's
+    layout = engine.plan(cfg, s, rows=-(-rows // processes), longest_prompt=int(config.data.max_prompt_length),
+                         mesh=mesh, rules=rules)
+    slots = layout.slots * processes
     terms = _analytic(cfg, settings, state, dict(mesh.shape), rows, prompt, response, dp,
-                      engine.kv_cache_bytes(cfg, layout, mesh, rules)[1], layout.slots, layout.pages_per_seq * layout.page_size,
+                      engine.kv_cache_bytes(cfg, layout, mesh, rules)[1], slots, layout.pages_per_seq * layout.page_size,
                       trainable=lora.count(trainable) if settings.lora.enabled else None)
     resident_all = sum(state.values())
 
@@ -156,9 +208,11 @@ def plan_config(config: ml_collections.ConfigDict, target: Slice, devices: list[
 
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated)
     programs = []
+    compile_ = functools.partial(compile_program, num_devices=target.devices)
 
     # the rollout engine: its prefill of every slot at the longest prompt, then a decode chunk over every
-    # slot reading full-length page tables; it samples from the weights in the compute dtype
+    # slot reading full-length page tables; it samples from the weights in the compute dtype. Per step it
+    # admits the rows in ceil(rows / slots) waves, each decoding up to max_new_tokens steps.
     static = dict(cfg=cfg, settings=s, layout=layout, mesh=mesh, rules=rules)
     cast = cfg.dtype != cfg.param_dtype
     sparams = abstract(jax.eval_shape(lambda p: engine.cast_params(p, cfg.dtype), params),
@@ -168,47 +222,70 @@ def plan_config(config: ml_collections.ConfigDict, target: Slice, devices: list[
         sparams = abstract(jax.eval_shape(to_engine, params), to_engine.lower(params).compile().output_shardings)
     during_rollout = resident_all - (0 if cast else state["params"])
     cache = engine._init_cache_jit.lower(cfg, layout, mesh, rules).compile().out_info
-    a, pages = layout.slots, -(-prompt // layout.page_size)
-    prefill, (cache, _, _) = compile_program(
+    a, pages = slots, -(-prompt // layout.page_size)
+    waves = -(-rows // a)
+    prefill, (cache, _, _) = compile_(
         "rollout prefill", engine._prefill_jit,
         (sparams, cache, arr((a, prompt), jnp.int32), arr((a, prompt), jnp.int32), arr((a, pages), jnp.int32),
-         arr((a,), jnp.uint32), key), resident=during_rollout, static=static,
+         arr((a,), jnp.uint32), key), resident=during_rollout, static=static, calls=waves,
         analytic=resident_all + terms.get("rollout-dtype params", 0) + terms["rollout KV cache"] + terms["prefill activations"])
     slot_vec = lambda dtype: arr((a,), dtype)  # noqa: E731
-    decode, _ = compile_program(
+    decode, _ = compile_(
         "rollout decode", engine._decode_jit,
         (sparams, cache, slot_vec(jnp.int32), slot_vec(jnp.int32), slot_vec(jnp.int32), slot_vec(jnp.bool_),
          slot_vec(jnp.uint32), arr((a, layout.pages_per_seq), jnp.int32), key), resident=during_rollout, static=static,
+        calls=waves * response / layout.check_every,
         analytic=(resident_all + terms.get("rollout-dtype params", 0) + terms["rollout KV cache"]
                   + terms["decode gathered weights"] + terms["decode working set"]))
+    decode = dataclasses.replace(decode, iterations=waves * response)
     programs += [prefill, decode]
 
     batch = {"input_ids": arr((rows, prompt + response), jnp.int32), "attention_mask": arr((rows, prompt + response), jnp.int32),
              "response_mask": arr((rows, response), jnp.int32), "rewards": arr((rows,), jnp.float32),
              "group_ids": arr((rows,), jnp.int32), "row_valid": arr((rows,), jnp.float32)}
+    if cfg.is_moe:
+        # MoE: the trainer's rollout-routing pass (trainer/rollout._routing_fn, in calls of routing_rows rows)
+        # records each response token's experts, which the update is given (routing replay / mismatch)
+        from ruscarl_jax.trainer import rollout as rollout_lib
+
+        per_call = routing_rows(-(-rows // processes), max(1, dp // processes)) * processes
+        routing_fn = rollout_lib._routing_fn(cfg, mesh, rules, prompt, response)
+        routing, experts = compile_(
+            "rollout routing", routing_fn, (params, arr((per_call, prompt + response), jnp.int32),
+                                            arr((per_call, prompt + response), jnp.int32)),
+            resident=resident_all - state["params"], calls=-(-rows // per_call),
+            analytic=resident_all + terms["log-prob activations"])
+        programs.append(routing)
+        batch["rollout_experts"] = arr((rows,) + tuple(experts.shape[1:]), jnp.int32)
     policy = qwen_policy(cfg, mesh, rules)
     logprobs_fn = jax.jit(lambda p, b: rollout_logprobs(p, b, policy=policy, settings=g))
     compute_copy = terms.get("compute-dtype params", 0)
-    logprobs, old = compile_program(
+    logprobs, old = compile_(
         "log-probs", logprobs_fn, (params, batch), resident=resident_all - state["params"],
+        calls=2 if g.kl_active else 1,  # the policy's, and the reference's when the KL loss is on
         analytic=resident_all + compute_copy + terms["log-prob activations"] + terms["logits chunk"])
     programs.append(logprobs)
     if routing_needed(cfg.is_moe, g):  # MoE: the rollout's routing pass, the log-prob pass's micro-batches
         tokens = arr((rows, prompt + response), jnp.int32)
-        routing, _ = compile_program(
+        routing, _ = compile_(
             "routing pass", make_routing_pass(policy, g), (params, tokens, tokens), resident=resident_all - state["params"],
             static={"response_len": response}, analytic=resident_all + terms["log-prob activations"])
         programs.append(routing)
     update_fn = jax.jit(lambda p, o, b, lp, ref, k: grpo_update(p, o, b, lp, ref, k, policy=policy, settings=g,
                                                                 optimizer=optimizer), donate_argnums=(0, 1))
-    update, _ = compile_program(
+    update, _ = compile_(
         "GRPO update", update_fn, (params, opt_state, batch, old, old if g.kl_active else None, key),
         resident=state.get("reference policy", 0),
         analytic=resident_all + terms["gradients"] + compute_copy + terms["update activations"] + terms["logits chunk"])
     programs.append(update)
 
     peak = max(programs, key=lambda p: p.peak)
-    return Plan(target, tuple(programs), terms, advice(terms, peak.name, target.hbm_bytes, peak.peak, config))
+    from ruscarl_jax.plan import roofline
+
+    step = StepModel(rows, response, target.devices,
+                     6.0 * active_params(cfg) * rows * (prompt + response) * g.ppo_epochs)
+    return Plan(target, tuple(programs), terms, advice(terms, peak.name, target.hbm_bytes, peak.peak, config),
+                compiled_by, roofline.CHIPS.get(target.family), step)
 
 
 def local_slice() -> Slice:
@@ -216,8 +293,8 @@ def local_slice() -> Slice:
     (on CPU, which reports none, the host's memory split over the local devices)."""
     import os
 
-    devices = jax.devices()
-    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+    devices, local = jax.devices(), jax.local_devices()[0]  # memory stats: of an addressable device
+    stats = local.memory_stats() if hasattr(local, "memory_stats") else None
     limit = (stats or {}).get("bytes_limit")
     if not limit:
         limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, jax.local_device_count())

@@ -1,5 +1,6 @@
-"""Will a config fit a slice? Compile a step's programs for the mesh, without running them, and read XLA's
-memory analysis per device; set an analytic estimate beside it.
+"""Will a config fit a slice, and how fast would it run? Compile a step's programs for the mesh, without
+running them, and read from each executable its memory per device, what it moves between chips, its
+kernels and its cost; set an analytic memory estimate beside it.
 
 Every program a training step runs is lowered with abstract inputs (``jax.ShapeDtypeStruct`` carrying the
 config's shardings) and compiled for the config's mesh, which may be made of emulated CPU devices
@@ -9,10 +10,13 @@ from donated arguments. A program's peak adds what stays resident on the device 
 being one of its arguments (the optimizer state during the rollout, the reference policy during the
 update). The step's peak is the largest program peak.
 
-Caveat: the figures are those of the backend that compiles. On emulated CPU devices XLA's CPU buffer
-assignment stands in for the accelerator's; it widens bfloat16 arithmetic to float32 in places, so
-temporaries of bfloat16 programs read high. The analytic estimate is printed beside the compiled figures
-and disagreements above ``DISAGREE`` are pointed out.
+For a TPU slice the programs are built by the TPU compiler itself (libtpu on this host, no TPU needed:
+``plan/topology.py``): its buffer assignment, fusions, collectives and Pallas (Mosaic) kernels are the
+ones a TPU would run. GPU slices cannot be cross-compiled (XLA needs the GPU to target it): they, and TPU
+slices with ``--backend=cpu``, compile on emulated CPU devices, whose buffer assignment stands in for the
+accelerator's (it widens bfloat16 arithmetic to float32 in places, so temporaries read high). The analytic
+estimate is printed beside the compiled figures and disagreements above ``DISAGREE`` are pointed out.
+Times are compile-time predictions (``plan/roofline.py``), not measurements.
 """
 from __future__ import annotations
 
@@ -60,6 +64,11 @@ class Slice:
     devices: int
     hbm_bytes: int  # per device
     devices_per_host: int
+    family: str = ""  # v4, v5e, v5p, v6e, h100, h200; "" for a custom slice
+
+    @property
+    def tpu(self) -> bool:
+        return self.family in ("v4", "v5e", "v5p", "v6e")
 
     @property
     def hosts(self) -> int:
@@ -80,7 +89,7 @@ def parse_slice(name: str) -> Slice:
     if devices < 1 or (f.counts_cores and count % 2):
         raise ValueError(f"--slice={name!r}: {family} slices are named by TensorCores (an even number)")
     per_host = devices if devices <= f.single_host_max else f.devices_per_host
-    return Slice(name, devices, int(f.hbm_gib * GiB), per_host)
+    return Slice(name, devices, int(f.hbm_gib * GiB), per_host, family)
 
 
 def custom_slice(devices: int, hbm_gb: float) -> Slice:
@@ -94,7 +103,8 @@ def custom_slice(devices: int, hbm_gb: float) -> Slice:
 
 @dataclasses.dataclass(frozen=True)
 class ProgramMemory:
-    """Per-device bytes of one compiled program, and the analytic estimate of its peak."""
+    """Per-device bytes of one compiled program and the analytic estimate of its peak; what it moves
+    between chips, its kernels and its cost (per call), and how often a step calls it."""
 
     name: str
     arguments: int
@@ -103,6 +113,12 @@ class ProgramMemory:
     aliased: int
     resident: int  # live on the device during the program without being one of its arguments
     analytic: int
+    calls: float = 1.0  # calls per training step
+    iterations: float = 0.0  # iterations of its main loop per step where that is the unit (decode steps), else 0
+    flops: float = 0.0  # per device per call, loops multiplied out (matmuls and Mosaic kernels from the HLO)
+    hbm_bytes: float = 0.0  # per device per call: the cost analysis's bytes accessed, loops multiplied out
+    cost_model_s: float = 0.0  # the compiler's optimal_seconds per call, loops multiplied out (0: none)
+    hlo: Any = None  # plan.hlo.HloSummary of the optimized HLO
 
     @property
     def peak(self) -> int:
@@ -123,19 +139,57 @@ def abstract(shapes: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
+def _cost(compiled: Any) -> dict[str, float]:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends report none
+        return {}
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
 def compile_program(name: str, fn: Callable[..., Any], args: Sequence[Any], *, resident: int, analytic: int,
-                    static: dict[str, Any] | None = None) -> tuple[ProgramMemory, Any]:
-    """Lower and compile jitted `fn` on abstract `args`; (its memory, its abstract outputs)."""
+                    static: dict[str, Any] | None = None, calls: float = 1.0, num_devices: int = 1,
+                    ) -> tuple[ProgramMemory, Any]:
+    """Lower and compile jitted `fn` on abstract `args`; (its memory, HLO facts and cost, its abstract outputs)."""
+    from ruscarl_jax.plan import hlo
+
     compiled = fn.lower(*args, **(static or {})).compile()
     stats = compiled.memory_analysis()
     if stats is None:
         raise RuntimeError(f"{name}: this backend reports no memory analysis")
+    summary = hlo.analyze(compiled.as_text(), num_devices=num_devices)
+    cost = _cost(compiled)
+    scale = summary.loop_scale  # XLA's cost analysis counts each loop body once (optimal_seconds < 0: none)
     memory = ProgramMemory(name, int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes),
-                           int(stats.temp_size_in_bytes), int(stats.alias_size_in_bytes), int(resident), int(analytic))
+                           int(stats.temp_size_in_bytes), int(stats.alias_size_in_bytes), int(resident), int(analytic),
+                           calls=calls, flops=summary.flops or float(cost.get("flops", 0.0)),
+                           hbm_bytes=float(cost.get("bytes accessed", 0.0)) * scale,
+                           cost_model_s=max(0.0, float(cost.get("optimal_seconds", 0.0))) * scale, hlo=summary)
     return memory, compiled.out_info
 
 
 # ------------------------------------------------------------------------------------------ the report
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:,.1f} MiB" if b < GiB else f"{b / GiB:,.2f} GiB"
+
+
+def _seconds(t: float) -> str:
+    return f"{t * 1e3:,.2f} ms" if t < 1 else f"{t:,.2f} s"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepModel:
+    """What a step does, for the time prediction: rows generated, tokens, chips, model FLOPs of the update."""
+
+    rows: int  # responses per step
+    response_tokens: int  # per row, at most
+    chips: int
+    update_model_flops: float  # 6 x active parameters x tokens trained per step (all epochs), whole job
+    rollout_programs: tuple[str, ...] = ("rollout prefill", "rollout decode")
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -143,6 +197,9 @@ class Plan:
     programs: tuple[ProgramMemory, ...]
     analytic_terms: dict[str, int]  # named per-device bytes of the analytic estimate
     advice: tuple[str, ...]  # keys to change when it does not fit
+    backend: str = ""  # what compiled the programs (the TPU compiler for a topology, or emulated CPU devices)
+    chip: Any = None  # plan.roofline.Chip whose peaks give the time prediction (None: no prediction)
+    step: StepModel | None = None
 
     @property
     def peak(self) -> ProgramMemory:
@@ -152,23 +209,85 @@ class Plan:
     def fits(self) -> bool:
         return self.peak.peak <= self.slice.hbm_bytes
 
+    def estimate(self, p: ProgramMemory) -> Any:
+        """The time of one call of `p` (plan.roofline.Estimate), or None without a chip."""
+        from ruscarl_jax.plan import roofline
+
+        if self.chip is None:
+            return None
+        wire = p.hlo.wire_bytes if p.hlo is not None else 0.0
+        return roofline.estimate(self.chip, p.flops, p.hbm_bytes, wire, p.cost_model_s)
+
+    def predictions(self) -> dict[str, float]:
+        """Compile-time predictions: seconds per step (and per program), rollout tokens/s per chip, update MFU."""
+        if self.chip is None or self.step is None:
+            return {}
+        per_program = {p.name: self.estimate(p).seconds * p.calls for p in self.programs}
+        rollout = sum(v for k, v in per_program.items() if k in self.step.rollout_programs)
+        update = per_program.get("GRPO update", 0.0)
+        out = {f"seconds[{k}]": v for k, v in per_program.items()}
+        out["step_seconds"] = sum(per_program.values())
+        out["rollout_seconds"] = rollout
+        if rollout:
+            out["rollout_tokens_per_s_per_chip"] = self.step.rows * self.step.response_tokens / rollout / self.step.chips
+        if update:
+            out["update_mfu"] = self.step.update_model_flops / (update * self.step.chips * self.chip.bf16_flops)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        """The plan as JSON-ready data (bytes per device)."""
-        return {"slice": dataclasses.asdict(self.slice), "fits": self.fits, "peak_bytes": self.peak.peak,
-                "peak_program": self.peak.name, "verdict": self.verdict(),
-                "programs": [{**dataclasses.asdict(p), "peak": p.peak} for p in self.programs],
+        """The plan as JSON-ready data (bytes per device, seconds per call unless said per step)."""
+        programs = []
+        for p in self.programs:
+            entry = {k: v for k, v in dataclasses.asdict(p).items() if k != "hlo"}
+            entry["peak"] = p.peak
+            if p.hlo is not None:
+                entry["hlo"] = p.hlo.to_dict()
+            est = self.estimate(p)
+            if est is not None:
+                entry["estimate"] = {**dataclasses.asdict(est), "roofline_s": est.roofline_s, "seconds": est.seconds,
+                                     "bound": est.bound}
+            programs.append(entry)
+        return {"slice": dataclasses.asdict(self.slice), "backend": self.backend, "fits": self.fits,
+                "peak_bytes": self.peak.peak, "peak_program": self.peak.name, "verdict": self.verdict(),
+                "chip": dataclasses.asdict(self.chip) if self.chip is not None else None,
+                "step": dataclasses.asdict(self.step) if self.step is not None else None,
+                "predictions": self.predictions(), "programs": programs,
                 "analytic_terms": dict(self.analytic_terms), "advice": list(self.advice)}
 
     def verdict(self) -> str:
         return (f"fits: {'yes' if self.fits else 'no'} (peak {self.peak.peak / GiB:.1f} GiB of "
                 f"{self.slice.hbm_bytes / GiB:.1f} GiB per device)")
 
+    def _program_lines(self, p: ProgramMemory) -> list[str]:
+        from ruscarl_jax.plan import hlo
+
+        lines = [f"{p.name}:"]
+        if p.hlo is not None:
+            moved = {k: v for k, v in p.hlo.per_step.items() if v}
+            lines.append("  collectives per call: " + (", ".join(f"{k} {_mib(v)}" for k, v in moved.items()) or "none"))
+            loop = hlo.main_loop(p.hlo)
+            if loop is not None and any(loop.per_iteration.values()):
+                trips = "?" if loop.trip_count is None else f"{'' if loop.exact else '<= '}{loop.trip_count}"
+                lines.append(f"  per iteration of its loop ({trips} iterations per call): "
+                             + ", ".join(f"{k} {_mib(v)}" for k, v in loop.per_iteration.items() if v))
+            mosaic = p.hlo.mosaic_kernels
+            lines.append("  Mosaic (Pallas) kernels: " + (", ".join(mosaic) if mosaic else "none"))
+        est = self.estimate(p)
+        if est is not None:
+            model = f"cost model {_seconds(est.cost_model_s)}, " if est.cost_model_s else ""
+            lines.append(f"  time per call: {model}roofline {_seconds(est.roofline_s)} (compute "
+                         f"{_seconds(est.compute_s)}, HBM {_seconds(est.memory_s)}, ICI {_seconds(est.network_s)}: "
+                         f"{est.bound}-bound); {p.calls:g} calls per step: {_seconds(est.seconds * p.calls)}")
+        return lines
+
     def report(self) -> str:
         unit, scale = ("GiB", GiB) if self.peak.peak >= GiB / 4 else ("MiB", 2**20)
         gib = lambda b: f"{b / scale:9.2f}"  # noqa: E731
         lines = [f"slice {self.slice.name}: {self.slice.devices} devices, {self.slice.hbm_bytes / GiB:.1f} GiB each, "
-                 f"{self.slice.hosts} host(s)", "",
-                 f"per device, {unit}   arguments   outputs  temporaries  aliased  resident     peak  analytic"]
+                 f"{self.slice.hosts} host(s)"]
+        if self.backend:
+            lines.append(f"compiled by: {self.backend}")
+        lines += ["", f"per device, {unit}   arguments   outputs  temporaries  aliased  resident     peak  analytic"]
         for p in self.programs:
             flag = ""
             if p.analytic and abs(p.peak - p.analytic) > DISAGREE * max(p.peak, p.analytic):
@@ -177,6 +296,19 @@ class Plan:
                          f" {gib(p.resident)} {gib(p.peak)} {gib(p.analytic)}{flag}")
         lines += ["", "analytic terms (per device):"]
         lines += [f"  {name:<28}{gib(value)} {unit}" for name, value in self.analytic_terms.items()]
+        lines += ["", "per program, per device:"]
+        for p in self.programs:
+            lines += self._program_lines(p)
+        pred = self.predictions()
+        if pred:
+            lines += ["", f"compile-time prediction on {self.chip.name} peaks (no chip ran; not a measurement):",
+                      f"  step {_seconds(pred['step_seconds'])}, of which rollout {_seconds(pred['rollout_seconds'])}"]
+            if "rollout_tokens_per_s_per_chip" in pred:
+                lines.append(f"  rollout {pred['rollout_tokens_per_s_per_chip']:,.0f} tokens/s per chip "
+                             f"({self.step.rows} rows x up to {self.step.response_tokens} tokens)")
+            if "update_mfu" in pred:
+                lines.append(f"  update MFU {100 * pred['update_mfu']:.1f}% (6 x active params x tokens trained, "
+                             f"at {self.chip.bf16_flops / 1e12:g} TFLOP/s per chip)")
         if self.advice:
             lines += ["", "to fit:"] + [f"  - {a}" for a in self.advice]
         lines += ["", self.verdict()]
@@ -194,6 +326,7 @@ def advice(terms: dict[str, int], peak_program: str, budget: int, peak: int, con
         "rollout prefill": f"rollout.engine.slots (now {engine.get('slots', 0)}, 0 = one per prompt): fewer prompts "
                            "prefilled together (their attention over the prompt is materialised)",
         "rollout decode": "rollout.engine.memory_gb / num_pages (fewer KV pages) or rollout.engine.cache_dtype='bfloat16'",
+        "rollout routing": "fewer rows per routing pass (trainer/rollout.py rollout_routing's max_rows)",
         "log-probs": f"grpo.logprob_micro_batch_size (now {g.get('logprob_micro_batch_size') or g.ppo_micro_batch_size}) "
                      f"or grpo.logprob_chunk_size (now {g.logprob_chunk_size})",
         "GRPO update": f"{remat}a smaller grpo.ppo_micro_batch_size (now {g.ppo_micro_batch_size}; a multiple of the "
