@@ -12,12 +12,12 @@ the context it is given:
   The engine runs decode inside ``shard_map`` over its data-parallel shards, so each shard sees a
   cache of one page group and the kernel reads only that shard's pages.
 
-Paged cache layout, per key and value: ``[L, G, KVH, pages_per_group, page_size, D]``. G page groups
-(one per data-parallel shard: a slot only uses pages of its own group, so reads and writes stay on
-its device); KV heads shard over the tensor axis (logical axes ``PAGED_CACHE_AXES``). A slot's page
-table lists its pages in sequence order; token j of a sequence lives at page ``table[j // page_size]``,
-offset ``j % page_size``. Writes to page index ``pages_per_group`` (out of bounds) are dropped: that is
-how padding and idle slots write nothing.
+Paged cache layout, per key and value: ``[L, G, KVH, pages_per_group, page_size, D]``. G page groups,
+one per data-parallel shard of the rollout mesh (sampler/engine.py splits the cache over its devices on
+this axis and runs decode under ``shard_map``, so a slot's reads and writes stay on its device). A
+slot's page table lists its pages in sequence order; token j of a sequence lives at page
+``table[j // page_size]``, offset ``j % page_size``. Writes to page index ``pages_per_group`` (out of
+bounds) are dropped: that is how padding and idle slots write nothing.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-PAGED_CACHE_AXES = ("layers", "batch", "kv_heads", None, None, "head_dim")
 DENSE_IMPLS = ("auto", "xla", "cudnn")
 PAGED_IMPLS = ("auto", "jax", "pallas")
 

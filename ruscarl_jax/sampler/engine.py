@@ -16,6 +16,14 @@ Host loop (one iteration per ``check_every`` decode steps, never per token):
 The layer maths is the model's (``qwen.forward_paged``: the training forward's layer code). Several
 processes run the loop in lockstep: the shapes of each iteration's prefill and decode chunk are
 agreed with one small all-gather, and each process schedules only its own rows and slots.
+
+Rollout layout (``rollout_mesh``): every device is a data-parallel shard of its own, holding a
+replicated compute-dtype copy of the policy (resharded from the training layout once per call by one
+jitted all-gather, ``rollout_params``), its own slots and its own page group of the cache. Prefill and
+the decode chunk run under ``jax.shard_map``: page writes, paged attention (the platform's Pallas
+kernel where it fits) and sampling are local; each shard's loop ends when its own slots are done, and
+only tokens, log-probs and step counts come back to the host. No weight and no page crosses devices
+per token.
 """
 from __future__ import annotations
 
@@ -242,23 +250,39 @@ _prefill_jit = jax.jit(_prefill, static_argnames=_STATIC, donate_argnames=("cach
 _decode_jit = jax.jit(_decode, static_argnames=_STATIC, donate_argnames=("cache",))
 
 
-def decode_program(cfg: qwen.QwenConfig, settings: SamplingSettings, layout: Layout, mesh: Mesh | None,
-                   rules: Rules = DEFAULT_RULES, width: int | None = None) -> tuple[Any, tuple, dict]:
-    """(jitted decode chunk, abstract arguments, static arguments) of a layout on the rollout mesh, every slot
-    reading `width` pages (default: a full-length table): what a planner compiles with `.lower().compile()`."""
+def _abstract(cfg, layout, mesh, rules):
+    """Abstract rollout weights, cache and helpers on the rollout mesh of `mesh` (see the *_program functions)."""
     rmesh = rollout_mesh(mesh, rules)
     ns = (lambda spec: None) if rmesh is None else (lambda spec: NamedSharding(rmesh, spec))  # noqa: E731
     axis = None if rmesh is None else _shard_axis(rmesh)
-    arg = lambda shape, dtype, spec: jax.ShapeDtypeStruct(shape, dtype, sharding=ns(spec))  # noqa: E731
+    arg = lambda shape, dtype, spec=PartitionSpec(axis): jax.ShapeDtypeStruct(shape, dtype, sharding=ns(spec))  # noqa: E731
     params = jax.tree.map(lambda x: arg(x.shape, cfg.dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
                                         PartitionSpec()), qwen.param_shapes(cfg))
     cache = {n: arg(layout.cache_shape(cfg), layout.cache_dtype, PartitionSpec(None, axis)) for n in ("k", "v")}
-    a = layout.slots * (layout.groups // layout.local_groups)
-    vec = lambda dtype: arg((a,), dtype, PartitionSpec(axis))  # noqa: E731
-    table = arg((a, width or layout.pages_per_seq), jnp.int32, PartitionSpec(axis))
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=ns(PartitionSpec()))
-    args = (params, cache, vec(jnp.int32), vec(jnp.int32), vec(jnp.int32), vec(jnp.bool_), vec(jnp.uint32), table, key)
-    return _decode_jit, args, dict(cfg=cfg, settings=settings, layout=layout, mesh=rmesh, rules=rules)
+    static = dict(cfg=cfg, layout=layout, mesh=rmesh, rules=rules)
+    return params, cache, key, arg, static, layout.slots * (layout.groups // layout.local_groups)
+
+
+def decode_program(cfg: qwen.QwenConfig, settings: SamplingSettings, layout: Layout, mesh: Mesh | None,
+                   rules: Rules = DEFAULT_RULES, width: int | None = None) -> tuple[Any, tuple, dict]:
+    """(jitted decode chunk, abstract arguments, static arguments) of a layout on the rollout mesh of the
+    training mesh `mesh`, every slot of the job reading `width` pages (default: a full-length table): what
+    a planner compiles with ``fn.lower(*args, **static).compile()``."""
+    params, cache, key, arg, static, a = _abstract(cfg, layout, mesh, rules)
+    args = (params, cache, arg((a,), jnp.int32), arg((a,), jnp.int32), arg((a,), jnp.int32), arg((a,), jnp.bool_),
+            arg((a,), jnp.uint32), arg((a, width or layout.pages_per_seq), jnp.int32), key)
+    return _decode_jit, args, dict(static, settings=settings)
+
+
+def prefill_program(cfg: qwen.QwenConfig, settings: SamplingSettings, layout: Layout, mesh: Mesh | None,
+                    rules: Rules = DEFAULT_RULES, width: int = 0) -> tuple[Any, tuple, dict]:
+    """As `decode_program`, for the prefill of every slot at a prompt width of `width` tokens."""
+    params, cache, key, arg, static, a = _abstract(cfg, layout, mesh, rules)
+    pages = -(-width // layout.page_size)
+    args = (params, cache, arg((a, width), jnp.int32), arg((a, width), jnp.int32), arg((a, pages), jnp.int32),
+            arg((a,), jnp.uint32), key)
+    return _prefill_jit, args, dict(static, settings=settings)
 
 
 # ------------------------------------------------------------------------------------------- host side
