@@ -15,6 +15,7 @@ from test_sampler import LENGTHS, PAD, VOCAB, _first_stop, _hf_generate, _refere
 from ruscarl_jax.models import qwen
 from ruscarl_jax.models.sharding import make_mesh
 from ruscarl_jax.sampler import engine
+from ruscarl_jax.sampler import layout as rollout_layout
 from ruscarl_jax.sampler.generate import generate
 from ruscarl_jax.sampler.settings import EngineSettings, SamplingSettings
 
@@ -75,11 +76,13 @@ def test_slot_refill_page_reuse_and_exhaustion(tiny):
     key = jax.random.key(8)
     base = dict(max_new_tokens=R, temperature=1.0, pad_token_id=PAD, prompt_bucket_min=8)
 
-    def run(engine_settings):
+    def run(engine_settings, priority=None):
         settings = SamplingSettings(**base, engine=engine_settings)
         layout = engine.plan(cfg, settings, rows=len(rows), longest_prompt=5, mesh=None)
-        state = engine._Engine(engine.cast_params(params, cfg.dtype), cfg, rows, seeds, key, settings, layout, None,
-                               engine.DEFAULT_RULES)
+        state = engine._Engine(rollout_layout.cast_params(params, cfg.dtype), cfg, rows, seeds, key, settings, layout, None,
+                               engine.DEFAULT_RULES, priority)
+        if priority is not None:  # higher priority first, ties in row order
+            assert list(state.queue) == [4, 1, 3, 0, 2, 5]
         state.run()
         return state, layout
 
@@ -91,6 +94,10 @@ def test_slot_refill_page_reuse_and_exhaustion(tiny):
     np.testing.assert_allclose(tight.logprobs, ample.logprobs, atol=1e-5)
     assert not tight.stopped.any() and (tight.tokens != PAD).all()  # no stop tokens: every row ran all R tokens
     assert sorted(tight.pages.free[0]) == list(range(13)) and all(s is None for s in tight.slots)
+    # 6 rows of R tokens (the first from prefill) over 3 slots: 2 waves of R - 1 decode steps, at most a chunk late each
+    assert 2 * (R - 1) <= ample.decode_steps <= 2 * (R - 1) + 2 * 4
+    ordered, _ = run(EngineSettings(slots=3, page_size=2, check_every=4), priority=[1, 5, 0, 2, 9, 0])
+    np.testing.assert_array_equal(ordered.tokens, ample.tokens)  # the order changes when rows run, not what they sample
 
 
 def test_bad_engine_input_is_named(tiny):
@@ -160,9 +167,9 @@ def test_pallas_gpu_paged_kernel_reads_our_page_layout():
 
 def test_weights_are_cast_once_and_not_copied_when_already_in_the_compute_dtype():
     params = {"w": jax.numpy.ones((2, 3), np.float32), "ids": jax.numpy.arange(3)}
-    same = engine.cast_params(params, "float32")
+    same = rollout_layout.cast_params(params, "float32")
     assert same["w"] is params["w"] and same["ids"] is params["ids"]
-    half = engine.cast_params(params, "bfloat16")
+    half = rollout_layout.cast_params(params, "bfloat16")
     assert half["w"].dtype == jax.numpy.bfloat16 and half["ids"].dtype == params["ids"].dtype
 
 

@@ -22,6 +22,7 @@ from model_fixtures import hf_logits, left_padded_batch, make_hf_model, save_hf_
 from ruscarl_jax.models import hf_io, qwen
 from ruscarl_jax.models.sharding import make_mesh
 from ruscarl_jax.sampler import engine as engine_module
+from ruscarl_jax.sampler import layout as layout_module
 from ruscarl_jax.sampler.generate import fold_step_key, generate, pad_prompts
 from ruscarl_jax.sampler.settings import EngineSettings, SamplingSettings, bucket_length
 
@@ -185,9 +186,9 @@ def test_eight_devices_give_the_one_device_greedy_output(tiny, engine_settings):
     # weights replicated in the compute dtype, the cache split over the devices on its page-group axis
     layout = engine_module.plan(cfg, settings, rows=6, longest_prompt=12, mesh=mesh)
     assert layout.groups == 8 and layout.slots == 8
-    rmesh = engine_module.rollout_mesh(mesh)
+    rmesh = layout_module.rollout_mesh(mesh)
     assert rmesh.shape["data"] == 8 and list(rmesh.devices.flat) == list(mesh.devices.flat)
-    weights = engine_module.rollout_params(sharded, cfg.dtype, rmesh)
+    weights = layout_module.rollout_params(sharded, cfg.dtype, rmesh)
     assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(weights))
     cache = engine_module._init_cache_jit(cfg, layout, rmesh, engine_module.DEFAULT_RULES)
     assert cache["k"].sharding.spec == PartitionSpec(None, "data")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -42,9 +41,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ruscarl_jax.models import qwen
 from ruscarl_jax.models.attention import pallas_misfit
-from ruscarl_jax.models.sharding import (DEFAULT_RULES, Rules, data_parallel_size, global_to_host, host_to_global,
-                                         make_mesh, platform)
+from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules, global_to_host, host_to_global, platform
 from ruscarl_jax.sampler.filtering import sample_tokens, sampled_logprobs
+from ruscarl_jax.sampler.layout import cast_params, rollout_mesh, rollout_params, shard_axis
 from ruscarl_jax.sampler.pages import PageTable
 from ruscarl_jax.sampler.settings import SamplingSettings, bucket_length, round_up
 
@@ -123,51 +122,11 @@ def kv_cache_bytes(cfg: qwen.QwenConfig, layout: Layout, mesh: Mesh | None, rule
 
 # ----------------------------------------------------------------------------------------- device side
 
-def rollout_mesh(mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> Mesh | None:
-    """The sampler's own mesh over the training mesh's devices (same order): every device is a data-parallel
-    shard of its own (all of them on the first axis of the batch rule), the weights are replicated. Each
-    shard decodes its own slots from its own page group; nothing but flags and counts crosses shards."""
-    if mesh is None:
-        return None
-    axes = dict(rules).get("batch") or ("data",)
-    axis = axes if isinstance(axes, str) else axes[0]
-    return make_mesh({axis: mesh.devices.size}, list(mesh.devices.flat))
-
-
-def _shard_axis(mesh: Mesh) -> str:
-    return next(a for a in mesh.axis_names if mesh.shape[a] == mesh.devices.size)
-
-
-@functools.lru_cache(maxsize=8)
-def _reshard_fn(dtype: str, mesh: Mesh | None) -> Any:
-    if mesh is None:
-        return jax.jit(lambda p: cast_params(p, dtype))
-    return jax.jit(lambda p: cast_params(p, dtype), out_shardings=NamedSharding(mesh, PartitionSpec()))
-
-
-def rollout_params(params: qwen.Params, dtype: str, mesh: Mesh | None) -> qwen.Params:
-    """The policy in the rollout layout, once per rollout (never per token): cast to the compute dtype and
-    replicated over the rollout mesh by one jitted reshard (an all-gather of each training shard). Its peak
-    is the replicated copy plus the training shards it is gathered from."""
-    if mesh is None:
-        return cast_params(params, dtype)
-    return _reshard_fn(dtype, mesh)(params)
-
-
-def cast_params(params: qwen.Params, dtype: str) -> qwen.Params:
-    """The parameters in the compute dtype. Leaves already in it are passed through (no copy); the others
-    keep their sharding."""
-    def cast(x):
-        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.dtype(dtype) else x
-
-    return jax.tree.map(cast, params)
-
-
 def _init_cache(cfg, layout, mesh, rules):
     cache = qwen.init_paged_cache(cfg, layout.groups, layout.pages_per_group, layout.page_size, layout.cache_dtype)
     if mesh is None:
         return cache
-    return {k: jax.lax.with_sharding_constraint(v, NamedSharding(mesh, PartitionSpec(None, _shard_axis(mesh))))
+    return {k: jax.lax.with_sharding_constraint(v, NamedSharding(mesh, PartitionSpec(None, shard_axis(mesh))))
             for k, v in cache.items()}
 
 
@@ -177,7 +136,7 @@ def _sharded(local, mesh: Mesh | None, in_kinds: str, out_kinds: str):
     its page-group axis). Without a mesh `local` runs as it is (one shard)."""
     if mesh is None:
         return local
-    axis = _shard_axis(mesh)
+    axis = shard_axis(mesh)
     spec = {"r": PartitionSpec(), "b": PartitionSpec(axis), "c": PartitionSpec(None, axis)}
     return jax.shard_map(local, mesh=mesh, in_specs=tuple(spec[k] for k in in_kinds),
                          out_specs=tuple(spec[k] for k in out_kinds), check_vma=False)
@@ -254,7 +213,7 @@ def _abstract(cfg, layout, mesh, rules):
     """Abstract rollout weights, cache and helpers on the rollout mesh of `mesh` (see the *_program functions)."""
     rmesh = rollout_mesh(mesh, rules)
     ns = (lambda spec: None) if rmesh is None else (lambda spec: NamedSharding(rmesh, spec))  # noqa: E731
-    axis = None if rmesh is None else _shard_axis(rmesh)
+    axis = None if rmesh is None else shard_axis(rmesh)
     arg = lambda shape, dtype, spec=PartitionSpec(axis): jax.ShapeDtypeStruct(shape, dtype, sharding=ns(spec))  # noqa: E731
     params = jax.tree.map(lambda x: arg(x.shape, cfg.dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
                                         PartitionSpec()), qwen.param_shapes(cfg))
