@@ -97,7 +97,7 @@ def main() -> dict:
     kv_bytes = slots_per_chip * layout.pages_per_seq * layout.page_size * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_width
     bw = HBM_GBS[family] * 1e9
     roofline_s = (weight_bytes + kv_bytes) / bw
-    model_s = float(cost.get("optimal_seconds", 0.0))
+    model_s = max(0.0, float(cost.get("optimal_seconds", 0.0)))  # XLA gives a negative figure for some programs (n/a)
     step_s = max(model_s, roofline_s)
     result = dict(config=args.config, topology=args.topology, chips=chips, slots=layout.slots, slots_per_chip=slots_per_chip,
                   pages_per_chip=layout.pages_per_group, max_seq_len=layout.max_len, check_every=layout.check_every,
@@ -113,7 +113,7 @@ def main() -> dict:
     print(f"  decode chunk ({layout.check_every} steps): collectives move {result['collective_bytes_per_chip']} bytes per chip "
           f"(each counted once); Mosaic paged-attention kernel: {result['mosaic_kernel']}")
     print(f"  one step: cost model {cost.get('bytes accessed', 0) / 1e9:.2f} GB accessed, optimal {1e3 * model_s:.2f} ms; "
-          f"roofline (weights {weight_bytes / 1e9:.2f} GB + own KV at full length {kv_bytes / 1e9:.2f} GB at "
+          f"(0 = n/a); roofline (weights {weight_bytes / 1e9:.2f} GB + own KV at full length {kv_bytes / 1e9:.2f} GB at "
           f"{HBM_GBS[family]:.0f} GB/s) {1e3 * roofline_s:.2f} ms")
     print(f"  predicted decode: {result['predicted_tokens_per_s_per_chip']:.0f} tokens/s per chip "
           f"({100 * result['roofline_fraction']:.0f}% of the HBM roofline); compiled in {compile_s:.0f} s")
