@@ -32,6 +32,10 @@ def get_config():
     c.sharding_rules = rows_over_expert(c.sharding_rules)
     # micro-batches are a multiple of the data-parallel size (data x fsdp x expert): one row per chip on a
     # 64-chip slice (v5p-128); docs/memory_plan.md has the plan and the overrides for a 16-GPU job
+    # Rollout layout: as qwen7b, a replicated bfloat16 copy per chip (61 GB of a v5p chip's 95 GiB, next to ~6 GB
+    # of FSDP training state and the 8 GB KV budget = 81k tokens at 98 KB a token: the 8 rows per chip of a
+    # v5p-128 at full length); every expert is local, so a decode step has no all-to-all. Slices with less
+    # HBM per chip (v5e, v6e) do not fit this layout for the 30B.
     # packing (qwen7b's grpo.micro_token_budget) is for dense models: MoE rows keep their own routing metrics and
     # replay positions per row, so this model trains on padded rows (splash attention still spares the [T, T]
     # scores in every full-sequence program)

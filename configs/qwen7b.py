@@ -60,10 +60,15 @@ def get_config():
     c.rollout.update(dict(num_generations=8, max_new_tokens=4096, temperature=0.7, top_p=0.8, top_k=20,
                           prompt_bucket_min=512))
     c.rollout.validation.update(dict(temperature=0.7, top_p=0.8, top_k=20, greedy=False))
-    # the 512 rows of a step decoded 256 at a time over a bfloat16 paged cache of 8 GB per device
-    # (8.7k pages of 16 tokens = 140k tokens; the static cache of 512 x 8192 tokens was 240 GB); a
-    # full-length sequence needs 512 pages; sequences are preempted if the budget runs out
-    c.rollout.engine.update(dict(slots=256, page_size=16, memory_gb=8.0, max_seq_len=8192, check_every=32,
+    # Rollout layout (sampler/engine.py, rollout_mesh): every chip decodes its own slots from its own pages with
+    # a replicated bfloat16 copy of the policy, resharded from the FSDP training layout once per rollout. Chosen
+    # from the memory plan: on a v5p chip (95 GiB) the copy is 15.2 GB next to ~3 GB of FSDP training state and
+    # the 8 GB KV budget, and no weight moves per token (a tensor-parallel layout would all-reduce every layer's
+    # activations per token). The 512 rows of a step all decode at once (16 per chip of a v5p-64): 8 GB of
+    # bfloat16 pages per chip = 8.7k pages of 16 tokens, enough for 16 full-length (8192-token) sequences, so no
+    # row waits for a slot and the rollout takes as many decode steps as its longest row (no tail of late
+    # admissions); sequences are preempted only if a smaller slice runs out of pages
+    c.rollout.engine.update(dict(slots=512, page_size=16, memory_gb=8.0, max_seq_len=8192, check_every=32,
                                  cache_dtype="bfloat16"))
     urls = [u for u in os.environ.get("JUDGE_BASE_URL", "").split(",") if u]
     c.judge.update(dict(base_urls=tuple(urls), model=os.environ.get("JUDGE_MODEL", ""), api_key_env="RUSCARL_JUDGE_API_KEY",

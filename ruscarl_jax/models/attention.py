@@ -11,14 +11,16 @@ the context it is given:
 * prefill: as the full sequence, and the keys / values are also written into the paged cache.
 * decode: one new token per slot is written into the paged cache, then the slot attends to its
   pages: a pure-JAX gather + the same dense attention (runs everywhere), or the Pallas
-  paged-attention kernel where the backend has one (TPU; GPU).
+  paged-attention kernel where the target platform has one that fits (TPU: Mosaic; GPU: Triton).
+  The engine runs decode inside ``shard_map`` over its data-parallel shards, so each shard sees a
+  cache of one page group and the kernel reads only that shard's pages.
 
-Paged cache layout, per key and value: ``[L, G, KVH, pages_per_group, page_size, D]``. G page groups
-(one per data-parallel shard: a slot only uses pages of its own group, so reads and writes stay on
-its device); KV heads shard over the tensor axis (logical axes ``PAGED_CACHE_AXES``). A slot's page
-table lists its pages in sequence order; token j of a sequence lives at page ``table[j // page_size]``,
-offset ``j % page_size``. Writes to page index ``pages_per_group`` (out of bounds) are dropped: that is
-how padding and idle slots write nothing.
+Paged cache layout, per key and value: ``[L, G, KVH, pages_per_group, page_size, D]``. G page groups,
+one per data-parallel shard of the rollout mesh (sampler/engine.py splits the cache over its devices on
+this axis and runs decode under ``shard_map``, so a slot's reads and writes stay on its device). A
+slot's page table lists its pages in sequence order; token j of a sequence lives at page
+``table[j // page_size]``, offset ``j % page_size``. Writes to page index ``pages_per_group`` (out of
+bounds) are dropped: that is how padding and idle slots write nothing.
 """
 from __future__ import annotations
 
@@ -151,43 +153,68 @@ def _gather_pages(pool: jax.Array, layer: jax.Array, table: jax.Array) -> jax.Ar
     return jnp.swapaxes(got, 2, 3).reshape(b, w * got.shape[3], got.shape[2], got.shape[4])
 
 
+def pallas_misfit(platform: str, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int) -> str | None:
+    """Why the platform's Pallas paged-attention kernel cannot serve this model / page layout, or None if it
+    can. TPU (Mosaic): every block's last dimension is the head dimension, which must be a multiple of 128
+    (checked against the TPU compiler for v5e, v5p and v6e in tests/test_engine.py); any page size. GPU
+    (Triton): power-of-two head dimension and page size, at least 16 keys per block. CPU has none."""
+    if num_heads % num_kv_heads:
+        return f"{num_heads} query heads do not split over {num_kv_heads} KV heads"
+    if platform == "tpu":
+        return None if head_dim % 128 == 0 else f"the TPU kernel needs head_dim % 128 == 0, the model has {head_dim}"
+    if platform == "gpu":
+        pow2 = lambda n: n & (n - 1) == 0  # noqa: E731
+        if not (pow2(head_dim) and head_dim >= 16 and pow2(page_size)):
+            return f"the GPU kernel needs a power-of-two head_dim >= 16 and page size (have {head_dim}, {page_size})"
+        return None
+    return f"no Pallas paged-attention kernel for platform {platform!r} (use 'jax' or 'auto')"
+
+
+def _block(width: int, page_size: int, cap: int = 8) -> int:
+    """Pages per compute block: the largest power of two <= cap (and <= 512 tokens) dividing the table width."""
+    return max(d for d in (16, 8, 4, 2, 1) if d <= cap and d * page_size <= max(512, page_size) and width % d == 0)
+
+
 def _pallas_paged(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array, table: jax.Array,
                   lengths: jax.Array, platform: str | None = None, interpret: bool = False) -> jax.Array | None:
     """The backend's Pallas paged-attention kernel, q [B, H, D] -> [B, H, D], or None where there is none
-    (CPU; several page groups). The kernels take unscaled logits, so q is scaled here. `interpret` runs the
-    GPU kernel in the Pallas interpreter (tests on CPU)."""
-    if k_pool.shape[1] != 1:
-        return None
+    (CPU; a misfit shape, see `pallas_misfit`; a cache of several page groups, i.e. outside the engine's
+    shard_map). The kernels take unscaled logits, so q is scaled here; it is cast to the cache's dtype.
+    Idle slots (length 0) attend to one (ignored) token. `interpret` runs the GPU kernel in the Pallas
+    interpreter (tests on CPU)."""
     backend = platform or jax.default_backend()
+    if k_pool.shape[1] != 1 or pallas_misfit(backend, q.shape[1], k_pool.shape[2], q.shape[-1], k_pool.shape[4]):
+        return None
     k_pages, v_pages = k_pool[layer, 0], v_pool[layer, 0]  # [KVH, NP, PS, D]
-    q = q * q.shape[-1] ** -0.5
-    w = table.shape[1]
+    q = (q * q.shape[-1] ** -0.5).astype(k_pages.dtype)
+    w, page_size = table.shape[1], k_pages.shape[2]
     if backend == "tpu":
         from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
 
-        block = max(d for d in (8, 4, 2, 1) if w % d == 0)
-        return paged_attention(q, k_pages, v_pages, lengths, table, pages_per_compute_block=block)
-    if backend == "gpu":
-        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+        return paged_attention(q, k_pages, v_pages, jnp.maximum(lengths, 1), table,
+                               pages_per_compute_block=_block(w, page_size))
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
-        splits = max(d for d in (16, 8, 4, 2, 1) if w % d == 0)
-        block = max(d for d in (8, 4, 2, 1) if (w // splits) % d == 0)
-        return paged_attention(q, k_pages, v_pages, table, lengths, pages_per_compute_block=block, k_splits=splits,
-                               interpret=interpret)
-    return None
+    splits = max(d for d in (16, 8, 4, 2, 1) if w % d == 0)
+    block = max(d for d in (8, 4, 2, 1) if (w // splits) % d == 0 and (d * page_size >= 16 or d == w // splits))
+    return paged_attention(q, k_pages, v_pages, table, jnp.maximum(lengths, 1), pages_per_compute_block=block,
+                           k_splits=splits, interpret=interpret)
 
 
 def paged_decode(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, layer: jax.Array, table: jax.Array,
                  lengths: jax.Array, impl: str = "auto", dense_impl: str = "auto",
                  platform: str | None = None) -> jax.Array:
-    """One query per slot, q [B, 1, H, D], over the first lengths[b] tokens of its pages -> [B, 1, H, D]."""
+    """One query per slot, q [B, 1, H, D], over the first lengths[b] tokens of its pages -> [B, 1, H, D].
+    "pallas" raises where the kernel cannot run (the engine checks this when it plans, before compiling)."""
     platform = platform or jax.default_backend()
     if impl in ("auto", "pallas"):
         out = _pallas_paged(q[:, 0], k_pool, v_pool, layer, table, lengths, platform)
         if out is not None:
             return out[:, None].astype(q.dtype)
-        if impl == "pallas" and platform != "cpu":
-            raise ValueError("rollout.engine.attention='pallas': no Pallas paged-attention kernel for this backend / layout")
+        if impl == "pallas":
+            why = (pallas_misfit(platform, q.shape[2], k_pool.shape[2], q.shape[-1], k_pool.shape[4])
+                   or f"a cache of {k_pool.shape[1]} page groups (the kernel runs inside the engine's shard_map)")
+            raise ValueError(f"rollout.engine.attention='pallas': {why}")
     keys = _gather_pages(k_pool, layer, table).astype(q.dtype)
     values = _gather_pages(v_pool, layer, table).astype(q.dtype)
     mask = (jnp.arange(keys.shape[1])[None, :] < lengths[:, None])[:, None, :]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from typing import Any
 
 import jax
@@ -85,24 +86,22 @@ def _analytic(cfg: qwen.QwenConfig, settings: config_lib.RunSettings, state: dic
             terms["compute-dtype params"] = trainable * cb
     elif g.compute_dtype != cfg.param_dtype:
         terms["compute-dtype params"] = param_elems * cb
-    # the engine samples from weights cast to the compute dtype once per rollout (a copy when the dtypes differ)
-    pb, sb = dtype_bytes(cfg.param_dtype), dtype_bytes(cfg.dtype)
-    if cfg.dtype != cfg.param_dtype:
-        terms["rollout-dtype params"] = param_elems * sb
-    # a decode step on FSDP-sharded weights all-gathers one layer at a time, and the (un)embedding whole
-    fsdp = mesh_shape.get("fsdp", 1)
-    table = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
-    layer_weights = (cfg.num_params - table) // cfg.num_layers
-    layer_gathered = layer_weights * (fsdp - 1) // fsdp
-    terms["decode gathered weights"] = (table * (fsdp - 1) // fsdp + layer_gathered) * sb
+    # the engine samples from a replicated compute-dtype copy of the weights, made once per rollout
+    # (engine.rollout_params); no weight is gathered per decode step
+    sb = dtype_bytes(cfg.dtype)
+    terms["rollout weights"] = cfg.num_params * sb
     terms["rollout KV cache"] = kv_bytes
-    # a decode step gathers one layer's pages of every slot, and samples from float32 logits (sorted for top-k/p)
-    kv_heads = cfg.num_kv_heads // tensor if cfg.num_kv_heads % tensor == 0 else cfg.num_kv_heads
-    vocab = cfg.vocab_size // tensor if cfg.vocab_size % tensor == 0 else cfg.vocab_size
-    slot_rows = rows_per_device(slots, dp)
-    terms["decode working set"] = slot_rows * (2 * max_len * kv_heads * cfg.head_dim * sb + 4 * cfg.vocab_size * 4)
+    # a decode step of a shard (one device, all KV heads) reads one layer's pages of its slots (the pure-JAX
+    # path gathers them; the Pallas kernel streams them) and samples from float32 logits (sorted for top-k/p)
+    devices = math.prod(mesh_shape.values())
+    slot_rows = rows_per_device(slots, devices)
+    terms["decode working set"] = slot_rows * (2 * max_len * cfg.num_kv_heads * cfg.head_dim * sb + 4 * cfg.vocab_size * 4)
     # the engine prefills the prompts admitted together: at most every slot, at the longest prompt
-    terms["prefill activations"] = _layer_working_set(cfg, rows_per_device(slots, dp), prompt, prompt, tensor, sb)
+    terms["prefill activations"] = _layer_working_set(cfg, slot_rows, prompt, prompt, 1, sb)
+    vocab = cfg.vocab_size // tensor if cfg.vocab_size % tensor == 0 else cfg.vocab_size
+    fsdp = mesh_shape.get("fsdp", 1)  # the update keeps each layer's all-gathered weights (without full remat)
+    table = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    layer_gathered = (cfg.num_params - table) // cfg.num_layers * (fsdp - 1) // fsdp
     micro = rows_per_device(g.ppo_micro_batch_size, dp)
     lp_rows, lp_width = rows_per_device(g.logprob_rows, dp), width
     if g.packed:  # packing: one buffer of the token budget per device and micro-batch (rl/packing.py)
@@ -210,33 +209,21 @@ def _plan(config: ml_collections.ConfigDict, target: Slice, settings: config_lib
     programs = []
     compile_ = functools.partial(compile_program, num_devices=target.devices)
 
-    # the rollout engine: its prefill of every slot at the longest prompt, then a decode chunk over every
-    # slot reading full-length page tables; it samples from the weights in the compute dtype. Per step it
-    # admits the rows in ceil(rows / slots) waves, each decoding up to max_new_tokens steps.
-    static = dict(cfg=cfg, settings=s, layout=layout, mesh=mesh, rules=rules)
-    cast = cfg.dtype != cfg.param_dtype
-    sparams = abstract(jax.eval_shape(lambda p: engine.cast_params(p, cfg.dtype), params),
-                       jax.tree.map(lambda p: p.sharding, params))
-    if settings.lora.enabled:  # the engine samples from the (int8) base with the adapters inserted
-        to_engine = jax.jit(lambda p: engine.cast_params(lora.effective_params(p), cfg.dtype))
-        sparams = abstract(jax.eval_shape(to_engine, params), to_engine.lower(params).compile().output_shardings)
-    during_rollout = resident_all - (0 if cast else state["params"])
-    cache = engine._init_cache_jit.lower(cfg, layout, mesh, rules).compile().out_info
-    a, pages = slots, -(-prompt // layout.page_size)
-    waves = -(-rows // a)
-    prefill, (cache, _, _) = compile_(
-        "rollout prefill", engine._prefill_jit,
-        (sparams, cache, arr((a, prompt), jnp.int32), arr((a, prompt), jnp.int32), arr((a, pages), jnp.int32),
-         arr((a,), jnp.uint32), key), resident=during_rollout, static=static, calls=waves,
-        analytic=resident_all + terms.get("rollout-dtype params", 0) + terms["rollout KV cache"] + terms["prefill activations"])
-    slot_vec = lambda dtype: arr((a,), dtype)  # noqa: E731
+    # the rollout engine (its own layout: every device a shard with a replicated compute-dtype copy of the
+    # weights, see engine.rollout_mesh): its prefill of every slot at the longest prompt, then a decode chunk
+    # over every slot reading full-length page tables. Per step it admits the rows in ceil(rows / slots)
+    # waves, each decoding up to max_new_tokens steps. (With LoRA the engine's weights are the base with the
+    # adapters inserted; the programs are planned with the plain model's weights.)
+    during_rollout = resident_all
+    waves = -(-rows // slots)
+    fn, args, static = engine.prefill_program(cfg, s, layout, mesh, rules, width=prompt)
+    prefill, _ = compile_(
+        "rollout prefill", fn, args, resident=during_rollout, static=static, calls=waves,
+        analytic=resident_all + terms["rollout weights"] + terms["rollout KV cache"] + terms["prefill activations"])
+    fn, args, static = engine.decode_program(cfg, s, layout, mesh, rules)
     decode, _ = compile_(
-        "rollout decode", engine._decode_jit,
-        (sparams, cache, slot_vec(jnp.int32), slot_vec(jnp.int32), slot_vec(jnp.int32), slot_vec(jnp.bool_),
-         slot_vec(jnp.uint32), arr((a, layout.pages_per_seq), jnp.int32), key), resident=during_rollout, static=static,
-        calls=waves * response / layout.check_every,
-        analytic=(resident_all + terms.get("rollout-dtype params", 0) + terms["rollout KV cache"]
-                  + terms["decode gathered weights"] + terms["decode working set"]))
+        "rollout decode", fn, args, resident=during_rollout, static=static, calls=waves * response / layout.check_every,
+        analytic=resident_all + terms["rollout weights"] + terms["rollout KV cache"] + terms["decode working set"])
     decode = dataclasses.replace(decode, iterations=waves * response)
     programs += [prefill, decode]
 

@@ -16,6 +16,14 @@ Host loop (one iteration per ``check_every`` decode steps, never per token):
 The layer maths is the model's (``qwen.forward_paged``: the training forward's layer code). Several
 processes run the loop in lockstep: the shapes of each iteration's prefill and decode chunk are
 agreed with one small all-gather, and each process schedules only its own rows and slots.
+
+Rollout layout (``rollout_mesh``): every device is a data-parallel shard of its own, holding a
+replicated compute-dtype copy of the policy (resharded from the training layout once per call by one
+jitted all-gather, ``rollout_params``), its own slots and its own page group of the cache. Prefill and
+the decode chunk run under ``jax.shard_map``: page writes, paged attention (the platform's Pallas
+kernel where it fits) and sampling are local; each shard's loop ends when its own slots are done, and
+only tokens, log-probs and step counts come back to the host. No weight and no page crosses devices
+per token.
 """
 from __future__ import annotations
 
@@ -29,13 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ruscarl_jax.models import qwen
-from ruscarl_jax.models.attention import PAGED_CACHE_AXES
-from ruscarl_jax.models.sharding import (DEFAULT_RULES, Rules, constrain, data_parallel_size, global_to_host,
-                                         host_to_global, logical_to_spec, named_sharding)
+from ruscarl_jax.models.attention import pallas_misfit
+from ruscarl_jax.models.sharding import DEFAULT_RULES, Rules, global_to_host, host_to_global, platform
 from ruscarl_jax.sampler.filtering import sample_tokens, sampled_logprobs
+from ruscarl_jax.sampler.layout import cast_params, rollout_mesh, rollout_params, shard_axis
 from ruscarl_jax.sampler.pages import PageTable
 from ruscarl_jax.sampler.settings import SamplingSettings, bucket_length, round_up
 
@@ -69,16 +77,6 @@ def agree(*values: int) -> tuple[int, ...]:
     return tuple(int(v) for v in gathered.reshape(-1, len(values)).max(axis=0))
 
 
-def _kv_shards(cfg: qwen.QwenConfig, mesh: Mesh | None, rules: Rules) -> int:
-    """How many ways the KV heads of the cache split (over the tensor axis where divisible)."""
-    if mesh is None:
-        return 1
-    spec = logical_to_spec(("kv_heads",), (cfg.num_kv_heads,), mesh, rules)
-    axes = spec[0] if len(spec) else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in axes)
-
-
 def plan(cfg: qwen.QwenConfig, settings: SamplingSettings, *, rows: int, longest_prompt: int, mesh: Mesh | None,
          rules: Rules = DEFAULT_RULES) -> Layout:
     """Slots, pages and page size for `rows` prompts per process (the longest `longest_prompt` tokens).
@@ -86,7 +84,11 @@ def plan(cfg: qwen.QwenConfig, settings: SamplingSettings, *, rows: int, longest
     calls whose prompts fall in one bucket share compiled programs. A page budget too small for one
     sequence is an error naming its config key."""
     e, r = settings.engine, settings.max_new_tokens
-    groups = data_parallel_size(mesh, rules) if mesh is not None else 1
+    if e.attention == "pallas":
+        why = pallas_misfit(platform(mesh), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, e.page_size)
+        if why:
+            raise ValueError(f"rollout.engine.attention='pallas': {why}")
+    groups = mesh.devices.size if mesh is not None else 1  # one page group per device (see rollout_mesh)
     local = max(1, groups // jax.process_count())
     width = bucket_length(longest_prompt, settings.prompt_bucket_min, settings.prompt_bucket_steps)
     max_len = e.max_seq_len or width + r
@@ -101,7 +103,7 @@ def plan(cfg: qwen.QwenConfig, settings: SamplingSettings, *, rows: int, longest
     if e.num_pages:
         per_group, key = e.num_pages // groups, "num_pages"
     elif e.memory_gb:
-        per_group, key = int(e.memory_gb * 1e9 * _kv_shards(cfg, mesh, rules) // page_bytes), "memory_gb"
+        per_group, key = int(e.memory_gb * 1e9 // page_bytes), "memory_gb"
     else:
         per_group, key = slots // local * per_seq, "slots"
     if per_group < per_seq:
@@ -115,31 +117,36 @@ def kv_cache_bytes(cfg: qwen.QwenConfig, layout: Layout, mesh: Mesh | None, rule
     """(bytes of the whole paged cache, bytes per device) of a layout."""
     width = jnp.dtype(layout.cache_dtype).itemsize
     total = 2 * math.prod(layout.cache_shape(cfg)) * width
-    return total, total // (layout.groups * _kv_shards(cfg, mesh, rules))
+    return total, total // layout.groups
 
 
 # ----------------------------------------------------------------------------------------- device side
 
-def cast_params(params: qwen.Params, dtype: str) -> qwen.Params:
-    """The parameters in the compute dtype, once per rollout phase (not per decode step). Leaves already
-    in it are passed through (no copy); the others keep their sharding."""
-    def cast(x):
-        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != jnp.dtype(dtype) else x
-
-    return jax.tree.map(cast, params)
-
-
 def _init_cache(cfg, layout, mesh, rules):
     cache = qwen.init_paged_cache(cfg, layout.groups, layout.pages_per_group, layout.page_size, layout.cache_dtype)
-    return {k: constrain(v, PAGED_CACHE_AXES, mesh, rules) for k, v in cache.items()}
+    if mesh is None:
+        return cache
+    return {k: jax.lax.with_sharding_constraint(v, NamedSharding(mesh, PartitionSpec(None, shard_axis(mesh))))
+            for k, v in cache.items()}
 
 
-def _sample(params, cfg, hidden, seeds, t, rng, s: SamplingSettings, mesh, rules):
+def _sharded(local, mesh: Mesh | None, in_kinds: str, out_kinds: str):
+    """`local` (one shard's program) over the rollout mesh's shards: kinds per argument / output, "r" for
+    replicated (weights, keys), "b" for split on the leading (slot) axis, "c" for the paged cache (split on
+    its page-group axis). Without a mesh `local` runs as it is (one shard)."""
+    if mesh is None:
+        return local
+    axis = shard_axis(mesh)
+    spec = {"r": PartitionSpec(), "b": PartitionSpec(axis), "c": PartitionSpec(None, axis)}
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(spec[k] for k in in_kinds),
+                         out_specs=tuple(spec[k] for k in out_kinds), check_vma=False)
+
+
+def _sample(params, cfg, hidden, seeds, t, rng, s: SamplingSettings):
     """Token t of each row, drawn with fold_in(fold_in(rng, seed), t), and its log-prob at the sampling
     temperature before top-k / top-p: a row's draw depends on its seed and index, not its slot."""
     w = qwen.output_embedding(params, cfg)
     logits = jnp.einsum("ne,ev->nv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    logits = constrain(logits, ("batch", "vocab"), mesh, rules)
     keys = jax.vmap(lambda seed, ti: jax.random.fold_in(jax.random.fold_in(rng, seed), ti))(seeds, t)
     tok = jax.vmap(lambda k, row: sample_tokens(k, row, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                                                  greedy=s.greedy))(keys, logits)
@@ -147,49 +154,94 @@ def _sample(params, cfg, hidden, seeds, t, rng, s: SamplingSettings, mesh, rules
 
 
 def _prefill(params, cache, tokens, mask, table, seeds, rng, *, cfg, settings, layout, mesh, rules):
-    """Prompts [A, P] (left padded) written into their pages; their first sampled token and log-prob."""
-    positions = qwen.default_positions(mask)
-    page = jnp.take_along_axis(table, positions // layout.page_size, axis=1)
-    ctx = dict(kv_mask=mask, write_page=jnp.where(mask.astype(bool), page, layout.pages_per_group),
-               write_offset=positions % layout.page_size)
-    hidden, cache = qwen.forward_paged(params, cfg, tokens, positions, cache, ctx, mesh=mesh, rules=rules,
-                                       paged_attention=settings.engine.attention)
-    tok, logp = _sample(params, cfg, hidden[:, -1], seeds, jnp.zeros_like(seeds, jnp.int32), rng, settings, mesh, rules)
-    return {k: constrain(v, PAGED_CACHE_AXES, mesh, rules) for k, v in cache.items()}, tok, logp
+    """Prompts [A, P] (left padded) written into their pages; their first sampled token and log-prob.
+    Each shard prefills its own rows into its own page group."""
+    def local(params, cache, tokens, mask, table, seeds, rng):
+        positions = qwen.default_positions(mask)
+        page = jnp.take_along_axis(table, positions // layout.page_size, axis=1)
+        ctx = dict(kv_mask=mask, write_page=jnp.where(mask.astype(bool), page, layout.pages_per_group),
+                   write_offset=positions % layout.page_size)
+        hidden, cache = qwen.forward_paged(params, cfg, tokens, positions, cache, ctx,
+                                           paged_attention=settings.engine.attention)
+        tok, logp = _sample(params, cfg, hidden[:, -1], seeds, jnp.zeros_like(seeds, jnp.int32), rng, settings)
+        return cache, tok, logp
+
+    return _sharded(local, mesh, "rcbbbbr", "cbb")(params, cache, tokens, mask, table, seeds, rng)
 
 
 def _decode(params, cache, last, pos, t, active, seeds, table, rng, *, cfg, settings, layout, mesh, rules):
     """Up to `check_every` decode steps over all slots: feed `last` at `pos`, sample token t.
-    Returns the cache, tokens / log-probs [S, check_every] (pad / 0 for idle slots) and the steps run."""
-    s, k, r = last.shape[0], layout.check_every, settings.max_new_tokens
+    Returns the cache, tokens / log-probs [S, check_every] (pad / 0 for idle slots) and the steps each
+    shard ran [shards]: a shard's loop ends when its own slots are done (no collective in the loop)."""
+    k, r = layout.check_every, settings.max_new_tokens
     stops = jnp.asarray(settings.stop_token_ids or (-1,), jnp.int32)
 
-    def body(carry):
-        i, cache, last, pos, t, active, out_tok, out_logp = carry
-        page = jnp.take_along_axis(table, (pos // layout.page_size)[:, None], axis=1, mode="clip")
-        ctx = dict(write_page=jnp.where(active[:, None], page, layout.pages_per_group),
-                   write_offset=(pos % layout.page_size)[:, None], page_table=table, lengths=jnp.where(active, pos + 1, 0))
-        hidden, cache = qwen.forward_paged(params, cfg, last[:, None], pos[:, None], cache, ctx, mesh=mesh, rules=rules,
-                                           paged_attention=settings.engine.attention)
-        tok, logp = _sample(params, cfg, hidden[:, 0], seeds, t, rng, settings, mesh, rules)
-        tok = jnp.where(active, tok, settings.pad_token_id)
-        out_tok = out_tok.at[:, i].set(tok)
-        out_logp = out_logp.at[:, i].set(jnp.where(active, logp, 0.0))
-        running = active & ~jnp.isin(tok, stops) & (t + 1 < r)
-        step = active.astype(jnp.int32)
-        return i + 1, cache, jnp.where(active, tok, last), pos + step, t + step, running, out_tok, out_logp
+    def local(params, cache, last, pos, t, active, seeds, table, rng):
+        s = last.shape[0]
 
-    carry = (jnp.int32(0), cache, last, pos, t, active, jnp.full((s, k), settings.pad_token_id, jnp.int32),
-             jnp.zeros((s, k), jnp.float32))
-    i, cache, *_, out_tok, out_logp = jax.lax.while_loop(lambda c: (c[0] < k) & jnp.any(c[5]), body, carry)
-    cache = {n: constrain(v, PAGED_CACHE_AXES, mesh, rules) for n, v in cache.items()}
-    return cache, constrain(out_tok, ("batch", None), mesh, rules), constrain(out_logp, ("batch", None), mesh, rules), i
+        def body(carry):
+            i, cache, last, pos, t, active, out_tok, out_logp = carry
+            page = jnp.take_along_axis(table, (pos // layout.page_size)[:, None], axis=1, mode="clip")
+            ctx = dict(write_page=jnp.where(active[:, None], page, layout.pages_per_group),
+                       write_offset=(pos % layout.page_size)[:, None], page_table=table,
+                       lengths=jnp.where(active, pos + 1, 0))
+            hidden, cache = qwen.forward_paged(params, cfg, last[:, None], pos[:, None], cache, ctx,
+                                               paged_attention=settings.engine.attention)
+            tok, logp = _sample(params, cfg, hidden[:, 0], seeds, t, rng, settings)
+            tok = jnp.where(active, tok, settings.pad_token_id)
+            out_tok = out_tok.at[:, i].set(tok)
+            out_logp = out_logp.at[:, i].set(jnp.where(active, logp, 0.0))
+            running = active & ~jnp.isin(tok, stops) & (t + 1 < r)
+            step = active.astype(jnp.int32)
+            return i + 1, cache, jnp.where(active, tok, last), pos + step, t + step, running, out_tok, out_logp
+
+        carry = (jnp.int32(0), cache, last, pos, t, active, jnp.full((s, k), settings.pad_token_id, jnp.int32),
+                 jnp.zeros((s, k), jnp.float32))
+        i, cache, *_, out_tok, out_logp = jax.lax.while_loop(lambda c: (c[0] < k) & jnp.any(c[5]), body, carry)
+        return cache, out_tok, out_logp, i[None]
+
+    return _sharded(local, mesh, "rcbbbbbbr", "cbbb")(params, cache, last, pos, t, active, seeds, table, rng)
 
 
 _STATIC = ("cfg", "settings", "layout", "mesh", "rules")
 _init_cache_jit = jax.jit(_init_cache, static_argnums=(0, 1, 2, 3))
 _prefill_jit = jax.jit(_prefill, static_argnames=_STATIC, donate_argnames=("cache",))
 _decode_jit = jax.jit(_decode, static_argnames=_STATIC, donate_argnames=("cache",))
+
+
+def _abstract(cfg, layout, mesh, rules):
+    """Abstract rollout weights, cache and helpers on the rollout mesh of `mesh` (see the *_program functions)."""
+    rmesh = rollout_mesh(mesh, rules)
+    ns = (lambda spec: None) if rmesh is None else (lambda spec: NamedSharding(rmesh, spec))  # noqa: E731
+    axis = None if rmesh is None else shard_axis(rmesh)
+    arg = lambda shape, dtype, spec=PartitionSpec(axis): jax.ShapeDtypeStruct(shape, dtype, sharding=ns(spec))  # noqa: E731
+    params = jax.tree.map(lambda x: arg(x.shape, cfg.dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
+                                        PartitionSpec()), qwen.param_shapes(cfg))
+    cache = {n: arg(layout.cache_shape(cfg), layout.cache_dtype, PartitionSpec(None, axis)) for n in ("k", "v")}
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=ns(PartitionSpec()))
+    static = dict(cfg=cfg, layout=layout, mesh=rmesh, rules=rules)
+    return params, cache, key, arg, static, layout.slots * (layout.groups // layout.local_groups)
+
+
+def decode_program(cfg: qwen.QwenConfig, settings: SamplingSettings, layout: Layout, mesh: Mesh | None,
+                   rules: Rules = DEFAULT_RULES, width: int | None = None) -> tuple[Any, tuple, dict]:
+    """(jitted decode chunk, abstract arguments, static arguments) of a layout on the rollout mesh of the
+    training mesh `mesh`, every slot of the job reading `width` pages (default: a full-length table): what
+    a planner compiles with ``fn.lower(*args, **static).compile()``."""
+    params, cache, key, arg, static, a = _abstract(cfg, layout, mesh, rules)
+    args = (params, cache, arg((a,), jnp.int32), arg((a,), jnp.int32), arg((a,), jnp.int32), arg((a,), jnp.bool_),
+            arg((a,), jnp.uint32), arg((a, width or layout.pages_per_seq), jnp.int32), key)
+    return _decode_jit, args, dict(static, settings=settings)
+
+
+def prefill_program(cfg: qwen.QwenConfig, settings: SamplingSettings, layout: Layout, mesh: Mesh | None,
+                    rules: Rules = DEFAULT_RULES, width: int = 0) -> tuple[Any, tuple, dict]:
+    """As `decode_program`, for the prefill of every slot at a prompt width of `width` tokens."""
+    params, cache, key, arg, static, a = _abstract(cfg, layout, mesh, rules)
+    pages = -(-width // layout.page_size)
+    args = (params, cache, arg((a, width), jnp.int32), arg((a, width), jnp.int32), arg((a, pages), jnp.int32),
+            arg((a,), jnp.uint32), key)
+    return _prefill_jit, args, dict(static, settings=settings)
 
 
 # ------------------------------------------------------------------------------------------- host side
@@ -216,13 +268,17 @@ class Interrupted(Exception):
 class _Engine:
     """One generate call's scheduler state (host numpy), see the module docstring."""
 
-    def __init__(self, params, cfg, rows, seeds, rng, settings, layout, mesh, rules, interrupt=None) -> None:
+    def __init__(self, params, cfg, rows, seeds, rng, settings, layout, mesh, rules, interrupt=None,
+                 priority=None) -> None:
         self.interrupt = interrupt
         self.params, self.cfg, self.rows, self.seeds, self.rng = params, cfg, rows, seeds, rng
         self.s, self.layout, self.mesh, self.rules = settings, layout, mesh, rules
         self.pages = PageTable(layout.local_groups, layout.slots, layout.pages_per_group, layout.page_size)
         self.slots: list[_Slot | None] = [None] * layout.slots
-        self.queue = collections.deque(range(len(rows)))
+        order = range(len(rows)) if priority is None else np.argsort(-np.asarray(priority, np.float64), kind="stable")
+        self.queue = collections.deque(int(i) for i in order)
+        per = layout.slots // layout.local_groups  # free slots are filled round-robin over the page groups
+        self.fill_order = sorted(range(layout.slots), key=lambda i: (i % per, i // per))
         r = settings.max_new_tokens
         self.tokens = np.full((len(rows), r), settings.pad_token_id, np.int32)
         self.logprobs = np.zeros((len(rows), r), np.float32)
@@ -280,7 +336,7 @@ class _Engine:
     def _admit(self) -> list[int]:
         """Fill free slots from the queue while their group has pages for the prompt and one chunk."""
         admitted = []
-        for i in range(self.layout.slots):
+        for i in self.fill_order:
             if not self.queue:
                 break
             if self.slots[i] is not None:
@@ -343,12 +399,12 @@ class _Engine:
                                 table=table))
         self.cache, tok, logp, steps = _decode_jit(self.params, self.cache, inputs["last"], inputs["pos"], inputs["t"],
                                                    inputs["active"], inputs["seeds"], inputs["table"], self.rng, **self.static)
-        out = self._get(dict(tok=tok, logp=logp))
-        steps = int(np.asarray(steps.addressable_data(0)) if self.mesh is not None else steps)
-        self.decode_steps += steps
-        self.pages_read += steps * len(rows) * width
+        out = self._get(dict(tok=tok, logp=logp, steps=steps))
+        steps = out["steps"]  # decode steps each of this process's shards ran
+        self.decode_steps += int(steps.max())
+        self.pages_read += int(steps.sum()) * per_group * width
         for r, (i, alive) in enumerate(zip(rows, live)):
-            for j in range(steps if alive else 0):
+            for j in range(steps[r // per_group] if alive else 0):
                 slot = self.slots[i]
                 slot.last, slot.pos, slot.t = int(out["tok"][r, j]), slot.pos + 1, slot.t + 1
                 if self._record(i, out["tok"][r, j], out["logp"][r, j]):
@@ -377,15 +433,20 @@ class _Engine:
 
 
 def run(params: qwen.Params, cfg: qwen.QwenConfig, rows: Sequence[np.ndarray], seeds: np.ndarray, rng: jax.Array,
-        settings: SamplingSettings, layout: Layout, *, mesh: Mesh | None = None,
-        rules: Rules = DEFAULT_RULES, interrupt: Callable[[], bool] | None = None,
+        settings: SamplingSettings, layout: Layout, *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES,
+        interrupt: Callable[[], bool] | None = None, priority: Sequence[float] | None = None,
         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
     """Sample every row (this process's prompts as id arrays): tokens [N, R], log-probs [N, R], stopped [N]
-    and counters (admissions, preemptions, decode_steps, pages_read). Every process must call it (with
-    its own rows) the same number of times. `interrupt` is called once per scheduler iteration, after
-    the iteration's all-gather, so every process asks it equally often; True raises Interrupted (on
+    and counters (admissions, preemptions, decode_steps: the most any shard of this process ran,
+    pages_read). `mesh` is the training mesh: the policy is resharded once into the rollout layout
+    (`rollout_mesh`). `priority` (e.g. an expected response length per row) admits higher rows first, so
+    long rows do not start late and stretch the tail; default: the queue order. Every process must call
+    it (with its own rows) the same number of times. `interrupt` is called once per scheduler iteration,
+    after the iteration's all-gather, so every process asks it equally often; True raises Interrupted (on
     every process alike when its answer is agreed, as the trainer's preemption check is)."""
-    engine = _Engine(cast_params(params, cfg.dtype), cfg, list(rows), seeds, rng, settings, layout, mesh, rules, interrupt)
+    rmesh = rollout_mesh(mesh, rules)
+    engine = _Engine(rollout_params(params, cfg.dtype, rmesh), cfg, list(rows), seeds, rng, settings, layout, rmesh,
+                     rules, interrupt, priority)
     engine.run()
     stats = {k: getattr(engine, k) for k in ("admissions", "preemptions", "decode_steps", "pages_read")}
     return engine.tokens, engine.logprobs, engine.stopped, stats

@@ -1,7 +1,8 @@
 """Rollouts from the policy itself, through the rollout engine (sampler/engine.py).
 
-The sampler runs on the parameters exactly as training holds them (same pytree, same shardings);
-nothing is copied into another engine (they are cast to the compute dtype once per call). One call:
+The sampler runs on the training parameters (same pytree), resharded once per call into the rollout
+layout (`engine.rollout_params`: the compute dtype, replicated over the devices, each device a
+data-parallel shard of its own); no second engine process. One call:
 
 1. checks the prompts (token id lists of any lengths, or a left-padded (tokens, mask) pair) and gives
    each row its seed;
@@ -48,6 +49,8 @@ class SampleOutput:
     finish_reason: np.ndarray  # [N] str: 'stop' (emitted a stop token) or 'length'
     lengths: np.ndarray  # [N] int32, response_mask.sum(-1)
     num_steps: int  # decode steps the longest row needed (< R when every row stopped early)
+    decode_steps: int = 0  # decode steps the engine ran (the most of any shard of this process); the tail's
+    # waste is decode_steps / num_steps - 1 (rows admitted late run past the longest row's length)
 
 
 def fold_step_key(base_key: jax.Array, step: int) -> jax.Array:
@@ -102,7 +105,8 @@ def pad_prompts(prompts: Prompts, settings: SamplingSettings, vocab_size: int, b
 
 def generate(params: qwen.Params, cfg: qwen.QwenConfig, prompts: Prompts, rng: jax.Array, settings: SamplingSettings,
              *, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, row_seeds: Sequence[int] | None = None,
-             interrupt: Callable[[], bool] | None = None) -> SampleOutput:
+             interrupt: Callable[[], bool] | None = None,
+             priority: Sequence[float] | None = None) -> SampleOutput:
     """Sample a response for every prompt (token id lists of any lengths, or a left-padded (tokens, mask)).
 
     `rng` should be fresh per call, e.g. ``fold_step_key(base_key, step)``. With a mesh, the batch is
@@ -113,6 +117,8 @@ def generate(params: qwen.Params, cfg: qwen.QwenConfig, prompts: Prompts, rng: j
     `row_seeds` (one int per prompt, default: the row index) key each row's randomness; give rows a
     seed of their own (e.g. a hash of example id and sample index) to make samples independent of
     the batch layout. `interrupt` (see engine.run) can abandon the call (engine.Interrupted).
+    `priority` (one number per prompt, e.g. its expected response length) admits
+    higher rows first (engine.run).
     """
     settings.check_vocab(cfg.vocab_size)
     rows = _prompt_rows(prompts)
@@ -129,14 +135,17 @@ def generate(params: qwen.Params, cfg: qwen.QwenConfig, prompts: Prompts, rng: j
     seeds = (jax.process_index() * count + np.arange(n) if row_seeds is None  # default: the row's global index
              else np.asarray(row_seeds, np.int64)) % 2**32
     layout = engine.plan(cfg, settings, rows=count, longest_prompt=longest, mesh=mesh, rules=rules)
-    out_tokens, logprobs, stopped, _ = engine.run(lora.effective_params(params), cfg, rows, seeds.astype(np.uint32), rng, settings, layout,
-                                                  mesh=mesh, rules=rules, interrupt=interrupt)
+    if priority is not None and len(priority) != n:
+        raise ValueError(f"priority: {len(priority)} values for {n} prompts")
+    out_tokens, logprobs, stopped, stats = engine.run(lora.effective_params(params), cfg, rows, seeds.astype(np.uint32),
+                                                      rng, settings, layout, mesh=mesh, rules=rules, interrupt=interrupt,
+                                                      priority=priority)
     out_mask = (np.arange(r)[None, :] < np.asarray([_length(t, s, settings) for t, s in zip(out_tokens, stopped)])[:, None])
     out_mask = out_mask.astype(np.int32)
     lengths = out_mask.sum(-1).astype(np.int32)
     return SampleOutput(
         prompt_tokens=tokens[:n], prompt_mask=mask[:n], tokens=out_tokens, response_mask=out_mask, logprobs=logprobs,
-        finish_reason=np.where(stopped, "stop", "length"), lengths=lengths, num_steps=int(lengths.max(initial=0)))
+        finish_reason=np.where(stopped, "stop", "length"), lengths=lengths, num_steps=int(lengths.max(initial=0)), decode_steps=stats["decode_steps"])
 
 
 def _length(tokens: np.ndarray, stopped: bool, settings: SamplingSettings) -> int:

@@ -226,7 +226,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int, process_cou
              f"which do not divide across the {data_parallel} data-parallel devices (mesh {' x '.join(batch_axes)}, "
              "the axes of the 'batch' sharding rule)")
 
-    _check_engine(sampling, int(data.get("max_prompt_length", 0)), data_parallel)
+    # the rollout engine shards over every device (sampler/engine.rollout_mesh), whatever the training mesh
+    _check_engine(sampling, int(data.get("max_prompt_length", 0)), num_devices)
 
     grpo = _section(config, "grpo")
     grpo.setdefault("temperature", sampling.temperature)

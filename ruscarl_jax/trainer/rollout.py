@@ -68,6 +68,9 @@ def collect(step: int, prompts: PromptBatch, params: qwen.Params, cfg: qwen.Qwen
     seeds = [row_seed(r.example_id, r.sample_index) for r in prompts.records]
     samples = generate(params, cfg, [r.sampling_ids for r in prompts.records], rng, settings, mesh=mesh, rules=rules,
                        row_seeds=seeds, interrupt=interrupt)
+    if samples.num_steps:
+        logger.info("rollout step %d: %d decode steps for a longest row of %d (%.2fx)", step, samples.decode_steps,
+                    samples.num_steps, samples.decode_steps / samples.num_steps)
     responses = tokenizer.batch_decode([row[: n] for row, n in zip(samples.tokens, samples.lengths)],
                                        skip_special_tokens=True)
     experts = None if routing is None else rollout_routing(routing, params, samples, mesh, rules)
@@ -96,9 +99,10 @@ def log_kv_budget(cfg: qwen.QwenConfig, settings: SamplingSettings, rows: int, m
     except ValueError as err:
         raise ConfigError(f"config.{err}") from None
     total, per_device = engine.kv_cache_bytes(cfg, layout, mesh, rules)
-    logger.info("rollout engine: %d slots per process, %d pages of %d tokens per data-parallel shard (%s); "
-                "KV cache %.3f GB per device, %.3f GB in all", layout.slots, layout.pages_per_group, layout.page_size,
-                settings.engine.schedule, per_device / 1e9, total / 1e9)
+    logger.info("rollout engine: %d slots per process over %d shards (one per device, replicated %s weights), %d pages "
+                "of %d tokens per shard (%s); KV cache %.3f GB per device, %.3f GB in all", layout.slots, layout.groups,
+                cfg.dtype, layout.pages_per_group, layout.page_size, settings.engine.schedule, per_device / 1e9,
+                total / 1e9)
     return per_device
 
 
