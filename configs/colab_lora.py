@@ -23,10 +23,10 @@ def get_config():
     c.mesh.update(dict(data=-1, fsdp=1, tensor=1))
     c.data.update(dict(batch_size=8, max_prompt_length=1024))
     c.rollout.update(dict(max_new_tokens=512, prompt_bucket_min=256))
-    c.rollout.engine.update(dict(slots=64, page_size=16, memory_gb=2.0, max_seq_len=1536, check_every=32,
+    c.rollout.engine.update(dict(slots=16, page_size=16, memory_gb=2.0, max_seq_len=1536, check_every=32,
                                  cache_dtype="bfloat16"))
     c.judge.update(dict(max_concurrency=64))
-    c.grpo.update(dict(ppo_mini_batch_size=32, ppo_micro_batch_size=4, logprob_micro_batch_size=8,
+    c.grpo.update(dict(ppo_mini_batch_size=32, ppo_micro_batch_size=4, logprob_micro_batch_size=4,
                        logprob_chunk_size=128, compute_dtype="bfloat16"))
     c.optim.update(dict(learning_rate=1e-5, weight_decay=0.0))  # LoRA's usual rate: the adapters start at zero
     c.trainer.update(dict(total_steps=100, checkpoint_every=10, test_freq=10))

@@ -236,3 +236,26 @@ def test_bad_lora_config_is_named():
     config.model.lora.dropout = 0.1
     with pytest.raises(ConfigError, match=r"config\.model\.lora\.dropout: unknown key"):
         validate(config, num_devices=8, check_paths=False)
+
+
+def test_memory_plan_keeps_no_reference_copy_with_lora():
+    """The planner's state terms: full fine-tuning holds a reference copy and Adam over every parameter;
+    LoRA none, and Adam over the adapters only (2 float32 moments per adapter element)."""
+    from configs import tiny_lora
+    from ruscarl_jax.trainer.memory_plan import parse_slice
+    from ruscarl_jax.trainer.step_memory import plan_config
+
+    config = tiny_lora.get_config()
+    config.warm_start.path = ""
+    config.update_from_flattened_dict({"data.batch_size": 4, "rollout.num_generations": 2, "grpo.ppo_mini_batch_size": 8,
+                                       "grpo.ppo_micro_batch_size": 8, "rollout.max_new_tokens": 8})
+    config.model.tiny.vocab_size = 128
+    lora_plan = plan_config(config, parse_slice("v5e-1"))
+    config.model.lora.rank = 0
+    full_plan = plan_config(config, parse_slice("v5e-1"))
+    assert full_plan.analytic_terms["reference policy"] == full_plan.analytic_terms["params"]
+    assert "reference policy" not in lora_plan.analytic_terms
+    cfg = qwen.QwenConfig(**dict(config.model.tiny))
+    adapters = lora.adapter_shapes(qwen.param_shapes(cfg), lora.LoraSettings(rank=8))
+    assert abs(lora_plan.analytic_terms["optimizer state"] - 8 * lora.count(adapters)) < 64  # + counts / hyperparameters
+    assert lora_plan.peak.peak < full_plan.peak.peak
