@@ -27,8 +27,8 @@ from ruscarl_jax.models import hf_io, lora, presets, qwen
 from ruscarl_jax.models.sharding import batch_sharding, data_parallel_size, make_mesh
 from ruscarl_jax.rl.optimizer import make_optimizer, opt_state_shardings
 from ruscarl_jax.rl.policy import qwen_policy
-from ruscarl_jax.rl.routing import make_routing_pass, routing_needed
-from ruscarl_jax.rl.train_step import grpo_update, rollout_logprobs
+from ruscarl_jax.rl.routing import experts_shape, make_routing_pass, routing_needed
+from ruscarl_jax.rl.train_step import ROUTING_KEY, grpo_update, rollout_logprobs
 from ruscarl_jax.sampler import engine
 from ruscarl_jax.sampler.settings import bucket_length
 from ruscarl_jax.plan.memory_plan import (Plan, Slice, StepModel, abstract, advice, compile_program, dtype_bytes,
@@ -125,11 +125,6 @@ def active_params(cfg: qwen.QwenConfig) -> int:
     """Parameters a token passes through (a MoE layer's top-k experts only)."""
     idle = sum(cfg.sparse_layers) * (cfg.num_experts - cfg.num_experts_per_tok) * 3 * cfg.hidden_size * cfg.moe_intermediate_size
     return cfg.num_params - (idle if cfg.is_moe else 0)
-
-
-def routing_rows(rows: int, local_dp: int, max_rows: int = 64) -> int:
-    """Rows per call of the MoE rollout-routing pass, as trainer/rollout.rollout_routing chooses them."""
-    return next((c for c in range(min(max_rows, rows), 0, -1) if rows % c == 0 and c % local_dp == 0), rows)
 
 
 def _target_mesh(config: ml_collections.ConfigDict, target: Slice, devices: list[jax.Device] | None,
@@ -230,21 +225,16 @@ def _plan(config: ml_collections.ConfigDict, target: Slice, settings: config_lib
     batch = {"input_ids": arr((rows, prompt + response), jnp.int32), "attention_mask": arr((rows, prompt + response), jnp.int32),
              "response_mask": arr((rows, response), jnp.int32), "rewards": arr((rows,), jnp.float32),
              "group_ids": arr((rows,), jnp.int32), "row_valid": arr((rows,), jnp.float32)}
-    if cfg.is_moe:
-        # MoE: the trainer's rollout-routing pass (trainer/rollout._routing_fn, in calls of routing_rows rows)
-        # records each response token's experts, which the update is given (routing replay / mismatch)
-        from ruscarl_jax.trainer import rollout as rollout_lib
-
-        per_call = routing_rows(-(-rows // processes), max(1, dp // processes)) * processes
-        routing_fn = rollout_lib._routing_fn(cfg, mesh, rules, prompt, response)
-        routing, experts = compile_(
-            "rollout routing", routing_fn, (params, arr((per_call, prompt + response), jnp.int32),
-                                            arr((per_call, prompt + response), jnp.int32)),
-            resident=resident_all - state["params"], calls=-(-rows // per_call),
-            analytic=resident_all + terms["log-prob activations"])
-        programs.append(routing)
-        batch["rollout_experts"] = arr((rows,) + tuple(experts.shape[1:]), jnp.int32)
     policy = qwen_policy(cfg, mesh, rules)
+    if routing_needed(cfg.is_moe, g):
+        # MoE with routing replay or the mismatch metric: the rollout-routing pass (rl/routing.py, in the log-prob
+        # pass's micro-batches) records each response token's experts, which the update is given
+        tokens = arr((rows, prompt + response), jnp.int32)
+        routing, _ = compile_(
+            "rollout routing", make_routing_pass(policy, g), (params, tokens, tokens), resident=resident_all - state["params"],
+            static={"response_len": response}, analytic=resident_all + terms["log-prob activations"])
+        programs.append(routing)
+        batch[ROUTING_KEY] = arr(experts_shape(cfg, rows, response), jnp.int32)
     logprobs_fn = jax.jit(lambda p, b: rollout_logprobs(p, b, policy=policy, settings=g))
     compute_copy = terms.get("compute-dtype params", 0)
     logprobs, old = compile_(
@@ -252,12 +242,6 @@ def _plan(config: ml_collections.ConfigDict, target: Slice, settings: config_lib
         calls=2 if g.kl_active else 1,  # the policy's, and the reference's when the KL loss is on
         analytic=resident_all + compute_copy + terms["log-prob activations"] + terms["logits chunk"])
     programs.append(logprobs)
-    if routing_needed(cfg.is_moe, g):  # MoE: the rollout's routing pass, the log-prob pass's micro-batches
-        tokens = arr((rows, prompt + response), jnp.int32)
-        routing, _ = compile_(
-            "routing pass", make_routing_pass(policy, g), (params, tokens, tokens), resident=resident_all - state["params"],
-            static={"response_len": response}, analytic=resident_all + terms["log-prob activations"])
-        programs.append(routing)
     update_fn = jax.jit(lambda p, o, b, lp, ref, k: grpo_update(p, o, b, lp, ref, k, policy=policy, settings=g,
                                                                 optimizer=optimizer), donate_argnums=(0, 1))
     update, _ = compile_(
