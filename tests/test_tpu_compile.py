@@ -199,6 +199,7 @@ def test_pallas_paged_attention_on_one_chip():
     config = tiny.get_config()
     config.data.batch_size = 2
     config.grpo.update(dict(ppo_mini_batch_size=16, ppo_micro_batch_size=16))  # 2 prompts x 8 generations
+    config.model.tiny.head_dim = 128  # the TPU kernel's blocks need a 128-lane head dimension (16 fails to lower)
     plan = plan_config(config, parse_slice("v5e-1"))
     decode = plan.programs[1]
     assert any("paged_attention" in k for k in decode.hlo.mosaic_kernels), decode.hlo.mosaic_kernels
