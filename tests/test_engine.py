@@ -80,7 +80,7 @@ def test_slot_refill_page_reuse_and_exhaustion(tiny):
         settings = SamplingSettings(**base, engine=engine_settings)
         layout = engine.plan(cfg, settings, rows=len(rows), longest_prompt=5, mesh=None)
         state = engine._Engine(rollout_layout.cast_params(params, cfg.dtype), cfg, rows, seeds, key, settings, layout, None,
-                               engine.DEFAULT_RULES, priority)
+                               engine.DEFAULT_RULES, priority=priority)
         if priority is not None:  # higher priority first, ties in row order
             assert list(state.queue) == [4, 1, 3, 0, 2, 5]
         state.run()
