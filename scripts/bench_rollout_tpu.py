@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import pathlib
-import re
 import sys
 import time
 
@@ -33,22 +31,10 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 
+from ruscarl_jax.plan import hlo as hlo_lib  # noqa: E402
+
 # HBM bandwidth per chip, GB/s (cloud.google.com/tpu/docs/v5e, /v5p, /v6e)
 HBM_GBS = {"v5p": 2765.0, "v5e": 819.0, "v6e": 1640.0}
-_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
-                         r"(-start)?\(")
-
-
-def collective_bytes(hlo: str) -> int:
-    """Bytes the collectives of an optimized HLO module produce, each counted once."""
-    total = 0
-    for match in _COLLECTIVE.finditer(hlo):
-        for dtype, dims in re.findall(r"(pred|[suf]\d+|bf16)\[([\d,]*)\]", match.group(1)):
-            width = 1 if dtype == "pred" else max(1, int(re.sub(r"\D", "", dtype)) // 8)
-            total += width * math.prod(int(d) for d in dims.split(",") if d)
-    return total
-
-
 def main() -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
@@ -101,7 +87,7 @@ def main() -> dict:
     step_s = max(model_s, roofline_s)
     result = dict(config=args.config, topology=args.topology, chips=chips, slots=layout.slots, slots_per_chip=slots_per_chip,
                   pages_per_chip=layout.pages_per_group, max_seq_len=layout.max_len, check_every=layout.check_every,
-                  collective_bytes_per_chip=collective_bytes(hlo),
+                  collective_bytes_per_chip=sum(hlo_lib.analyze(hlo, num_devices=chips).per_step.values()),
                   mosaic_kernel='custom_call_target="tpu_custom_call"' in hlo,
                   cost_bytes_accessed=float(cost.get("bytes accessed", 0.0)), cost_optimal_seconds=model_s,
                   weights_bytes=weight_bytes, own_kv_bytes_full_length=kv_bytes, hbm_gbs=HBM_GBS[family],

@@ -1,8 +1,6 @@
 """The rollout engine: continuous batching over few slots and a small paged cache, against transformers
 generate, the static lockstep schedule and a teacher-forced forward pass (8 devices and two processes:
 tests/test_sampler.py, which runs through the engine too)."""
-import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +11,7 @@ from model_fixtures import left_padded_batch
 from test_sampler import LENGTHS, PAD, VOCAB, _first_stop, _hf_generate, _reference_logprobs, tiny  # noqa: F401
 
 from ruscarl_jax.models import qwen
+from ruscarl_jax.plan import hlo as hlo_lib
 from ruscarl_jax.models.sharding import make_mesh
 from ruscarl_jax.sampler import engine
 from ruscarl_jax.sampler import layout as rollout_layout
@@ -192,21 +191,6 @@ def test_interrupt_is_asked_every_iteration_and_abandons_sampling(tiny):
 
 # ------------------------------------------------------------------ TPU programs (the TPU compiler on this CPU)
 
-_COLLECTIVE = re.compile(r"=\s*(\(?[^=]*?\)?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
-                         r"(-start)?\(")
-
-
-def collective_bytes(hlo: str) -> int:
-    """Bytes the collectives of an optimized HLO module produce, each counted once (a loop body's once per
-    iteration): an upper bound of what one decode step moves between chips."""
-    total = 0
-    for match in _COLLECTIVE.finditer(hlo):
-        for dtype, dims in re.findall(r"(pred|[suf]\d+|bf16)\[([\d,]*)\]", match.group(1)):
-            width = 1 if dtype == "pred" else max(1, int(re.sub(r"\D", "", dtype)) // 8)
-            total += width * math.prod(int(d) for d in dims.split(",") if d)
-    return total
-
-
 def _tpu_mesh(topology: str, chips: int):
     import os
 
@@ -235,14 +219,8 @@ def test_tpu_decode_step_is_shard_local_and_runs_the_mosaic_kernel():
     assert 'custom_call_target="tpu_custom_call"' in hlo  # the Mosaic paged-attention kernel
     smallest_matrix = 2 * cfg.hidden_size * cfg.num_kv_heads * cfg.head_dim  # k_proj in bfloat16: 128 KiB
     shard_pages = 2 * 2 * cfg.num_layers * cfg.num_kv_heads * layout.pages_per_group * layout.page_size * cfg.head_dim
-    moved = collective_bytes(hlo)
+    moved = sum(hlo_lib.analyze(hlo, num_devices=4).per_step.values())  # bytes per chip, loops multiplied out
     assert moved <= 1024 < smallest_matrix <= shard_pages, (moved, smallest_matrix, shard_pages)
-
-
-def test_collective_bytes_counts_what_an_all_gather_moves():
-    hlo = ("%ag = bf16[4,256,128]{2,1,0} all-gather(bf16[1,256,128]{2,1,0} %p), dimensions={0}\n"
-           "%ar = (f32[8]{0}, pred[]) all-reduce-start(f32[8]{0} %x, pred[] %y), to_apply=%add\n")
-    assert collective_bytes(hlo) == 4 * 256 * 128 * 2 + 8 * 4 + 1
 
 
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
