@@ -50,7 +50,7 @@ def main() -> dict:
     from ruscarl_jax.sampler import engine
     from ruscarl_jax.trainer import config as config_lib
     from ruscarl_jax.trainer.setup import rules_from_config
-    from ruscarl_jax.trainer.step_memory import model_config
+    from ruscarl_jax.plan.step_memory import model_config
 
     spec = importlib.util.spec_from_file_location("cfgmod", args.config)
     module = importlib.util.module_from_spec(spec)

@@ -4,7 +4,7 @@ Every device is a data-parallel shard of its own with a replicated compute-dtype
 (`rollout_params`, made once per rollout by one jitted reshard, never per token). Chosen over a
 tensor-parallel layout because the paper configs' weights fit a chip several times over (configs/qwen7b.py
 gives the numbers) and it leaves nothing to communicate per decode step; the cost is the replicated copy,
-counted in the memory plan (trainer/step_memory.py, "rollout weights").
+counted in the memory plan (plan/step_memory.py, "rollout weights").
 """
 from __future__ import annotations
 
