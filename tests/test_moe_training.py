@@ -293,9 +293,9 @@ def test_memory_plan_compiles_the_routing_pass_when_the_run_records_routing(repl
     c.grpo.routing_replay = replay
     plan = plan_config(c, custom_slice(8, 16.0))
     names = [p.name for p in plan.programs]
-    assert ("routing pass" in names) == replay, names
+    assert ("rollout routing" in names) == replay, names
     if replay:
-        routing = plan.programs[names.index("routing pass")]
+        routing = plan.programs[names.index("rollout routing")]
         logprobs = plan.programs[names.index("log-probs")]
         # the same rows per micro-batch as the log-prob pass: no bigger than it (it also holds logits)
         assert 0 < routing.peak <= logprobs.peak

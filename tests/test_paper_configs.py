@@ -87,7 +87,8 @@ INFRASTRUCTURE: dict[str, Any] = {
                        ("expert", "expert"), ("expert_mlp", "tensor"), ("router_experts", None)),
     "data.train_path": "", "data.format": "auto", "data.on_bad_row": "fail",
     "rollout.prompt_bucket_min": 512, "rollout.prompt_bucket_steps": 1, "rollout.batch_bucket": 1,
-    "rollout.engine.schedule": "continuous", "rollout.engine.slots": 256, "rollout.engine.page_size": 16,
+    "rollout.engine.schedule": "continuous", "rollout.engine.slots": 512,  # the whole step at once: 16 per v5p chip (issue 21)
+    "rollout.engine.page_size": 16,
     "rollout.engine.num_pages": 0, "rollout.engine.memory_gb": 8.0, "rollout.engine.max_seq_len": 8192,
     "rollout.engine.check_every": 32, "rollout.engine.cache_dtype": "bfloat16", "rollout.engine.attention": "auto",
     "warm_start.steps": 300, "warm_start.batch_size": 64, "warm_start.micro_batch_size": 64,
