@@ -7,11 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from rl_toy import FAST_COMPILE, TOY_POLICY, rollout_batch, toy_hidden, toy_params
+from rl_toy import FAST_COMPILE, TOY_POLICY, rollout_batch, toy_params
 
 from ruscarl_jax.rl import packing
 from ruscarl_jax.rl.optimizer import OptimizerSettings, make_optimizer
-from ruscarl_jax.rl.policy import Policy
 from ruscarl_jax.rl.settings import GRPOSettings
 from ruscarl_jax.rl.train_step import make_grpo_step, make_reference
 

@@ -13,7 +13,7 @@ import ml_collections
 import pytest
 
 from configs import base, qwen3_30b_a3b, qwen7b, tiny
-from ruscarl_jax.data.types import Message, RubricItem
+from ruscarl_jax.data.types import RubricItem
 from ruscarl_jax.scaffold.message import scaffold_text
 from ruscarl_jax.trainer import config as config_lib
 from ruscarl_jax.trainer.defaults import section

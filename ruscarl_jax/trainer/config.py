@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 from typing import Any
 
 import ml_collections
