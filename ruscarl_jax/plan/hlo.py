@@ -99,11 +99,27 @@ def _instruction(line: str) -> Instruction | None:
                        rest[open_at + 1:close_at - 1])
 
 
+_STATEMENT = re.compile(r"\s*(ROOT\s+)?%?[\w.\-]+\s*=\s*\S|(ENTRY\s+)?%?[\w.\-]+\s.*\{\s*$|HloModule\b|\}\s*$|\s*$")
+
+
+def _statements(text: str) -> list[str]:
+    """The module's lines with continuation lines joined to the statement they continue: a Mosaic kernel's
+    backend_config can hold a string with line breaks (its xprof metadata), whose lines may even start with
+    '}' and would otherwise end the computation early and lose its ROOT."""
+    out: list[str] = []
+    for line in text.splitlines():
+        if out and not _STATEMENT.match(line):
+            out[-1] += "\n" + line
+        else:
+            out.append(line)
+    return out
+
+
 def parse(text: str) -> dict[str, Computation]:
     """The computations of an HLO module's text, by name."""
     computations: dict[str, Computation] = {}
     current: Computation | None = None
-    for line in text.splitlines():
+    for line in _statements(text):
         if current is None:
             header = re.match(r"(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
             if header and not line.startswith((" ", "HloModule")):
