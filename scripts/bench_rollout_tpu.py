@@ -78,9 +78,8 @@ def main() -> dict:
     compile_s = time.perf_counter() - start
 
     slots_per_chip = layout.slots // layout.local_groups
-    weight_bytes = cfg.num_params * 2 if cfg.dtype == "bfloat16" else cfg.num_params * 4
-    kv_width = 2 if layout.cache_dtype == "bfloat16" else 4
-    kv_bytes = slots_per_chip * layout.pages_per_seq * layout.page_size * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_width
+    weight_bytes = engine.decode_step_hbm_bytes(cfg, layout, context=0)  # the experts its slots route to
+    kv_bytes = engine.decode_step_hbm_bytes(cfg, layout, context=layout.pages_per_seq * layout.page_size) - weight_bytes
     bw = HBM_GBS[family] * 1e9
     roofline_s = (weight_bytes + kv_bytes) / bw
     model_s = max(0.0, float(cost.get("optimal_seconds", 0.0)))  # XLA gives a negative figure for some programs (n/a)

@@ -23,6 +23,8 @@ import math
 import re
 from typing import Any
 
+import numpy as np
+
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _OPCODE_KIND = {
     "all-gather": "all-gather", "all-gather-start": "all-gather",
@@ -420,20 +422,47 @@ def _flops(inst: Instruction, comp: Computation) -> float:
             return 0.0
         dims = _dims(lhs.shape)
         return 2.0 * out * math.prod(dims[int(d)] for d in contracting.group(1).split(",") if d)
-    labels = re.search(r"dim_labels=[^_]*_([^-]*)->", inst.attrs)
-    if rhs is None or labels is None:
+    return _convolution_flops(inst, lhs, rhs)
+
+
+def _window(attrs: str, key: str, n: int, default: int) -> list[int]:
+    match = re.search(rf"\b{key}=([0-9x]+)", attrs)
+    return [int(v) for v in match.group(1).split("x")] if match else [default] * n
+
+
+def _convolution_flops(inst: Instruction, lhs: Instruction | None, rhs: Instruction | None) -> float:
+    """2 x output elements x input features per group x the kernel taps that land on real input, per output
+    position. The TPU compiler writes batched and head-split matmuls as convolutions whose window slides
+    over padding or an lhs-dilated dimension, where all but one tap multiply zeros; counted as XLA's cost
+    analysis counts them (valid window positions per spatial dimension), not as the window's size."""
+    labels = re.search(r"dim_labels=([^_]*)_([^-]*)->(\S+?)[,\s]", inst.attrs + " ")
+    if lhs is None or rhs is None or labels is None:
         return 0.0
-    kernel = _dims(rhs.shape)
-    i = labels.group(1).find("i")
-    if i < 0 or i >= len(kernel):
+    lhs_labels, rhs_labels, out_labels = labels.groups()
+    lhs_dims, kernel, out_dims = _dims(lhs.shape), _dims(rhs.shape), _dims(inst.shape)
+    if "i" not in rhs_labels or rhs_labels.index("i") >= len(kernel):
         return 0.0
-    # input features x the window, less the holes of a dilated input (the TPU compiler writes batched
-    # matmuls as convolutions whose window steps over an lhs-dilated batch: one real term per window)
-    window = re.search(r"window=\{size=([0-9x]+)", inst.attrs)
-    dilate = re.search(r"lhs_dilate=([0-9x]+)", inst.attrs)
-    taps = math.prod(int(d) for d in window.group(1).split("x")) if window else 1
-    holes = math.prod(int(d) for d in dilate.group(1).split("x")) if dilate else 1
-    return 2.0 * out * kernel[i] * max(1.0, taps / holes)
+    flops = 2.0 * math.prod(out_dims) * kernel[rhs_labels.index("i")]
+    spatial = sorted(c for c in lhs_labels if c.isdigit())
+    if not spatial:
+        return flops
+    n = len(spatial)
+    size = _window(inst.attrs, "size", n, 1)
+    stride = _window(inst.attrs, "stride", n, 1)
+    lhs_dilate = _window(inst.attrs, "lhs_dilate", n, 1)
+    rhs_dilate = _window(inst.attrs, "rhs_dilate", n, 1)
+    pad = re.search(r"\bpad=([0-9_x\-]+)", inst.attrs)
+    pads = [tuple(int(v) for v in p.split("_")) for p in pad.group(1).split("x")] if pad else [(0, 0)] * n
+    for d, label in enumerate(spatial):
+        if label not in out_labels or max(lhs_labels.index(label), out_labels.index(label)) >= min(len(lhs_dims), len(out_dims)):
+            return flops
+        extent, outputs = lhs_dims[lhs_labels.index(label)], out_dims[out_labels.index(label)]
+        o = np.arange(outputs)[:, None]
+        k = np.arange(size[d])[None, :]
+        pos = o * stride[d] + k * rhs_dilate[d] - pads[d][0]  # in the padded, lhs-dilated input
+        valid = (pos >= 0) & (pos <= (extent - 1) * lhs_dilate[d]) & (pos % lhs_dilate[d] == 0)
+        flops *= float(valid.sum()) / max(outputs, 1)
+    return flops
 
 
 def _collective_bytes(kind: str, inst: Instruction, comp: Computation) -> int:

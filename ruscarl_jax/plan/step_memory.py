@@ -219,7 +219,13 @@ def _plan(config: ml_collections.ConfigDict, target: Slice, settings: config_lib
     decode, _ = compile_(
         "rollout decode", fn, args, resident=during_rollout, static=static, calls=waves * response / layout.check_every,
         analytic=resident_all + terms["rollout weights"] + terms["rollout KV cache"] + terms["decode working set"])
-    decode = dataclasses.replace(decode, iterations=waves * response)
+    # its time: XLA's cost analysis charges the paged-attention kernel every layer's whole page pool and counts
+    # a loop body once, so neither its bytes nor its optimal_seconds scale to a decode step; the step reads the
+    # chip's rollout weights and its own slots' pages, at the mean context of a wave whose rows all run to the
+    # limit (prompt + half the response)
+    step_bytes = engine.decode_step_hbm_bytes(cfg, layout, context=prompt + response / 2)
+    decode = dataclasses.replace(decode, iterations=waves * response, hbm_bytes=step_bytes * layout.check_every,
+                                 cost_model_s=0.0)
     programs += [prefill, decode]
 
     batch = {"input_ids": arr((rows, prompt + response), jnp.int32), "attention_mask": arr((rows, prompt + response), jnp.int32),

@@ -120,6 +120,23 @@ def kv_cache_bytes(cfg: qwen.QwenConfig, layout: Layout, mesh: Mesh | None, rule
     return total, total // layout.groups
 
 
+def decode_step_hbm_bytes(cfg: qwen.QwenConfig, layout: Layout, context: float) -> float:
+    """HBM bytes one decode step reads per device in the rollout layout: the device's replicated copy of the
+    weights in the model dtype, and its own slots' KV pages at `context` tokens each. A MoE layer reads only
+    the experts its slots route to: of E experts with top-k routing, S tokens touch E(1 - (1 - k/E)^S) in
+    expectation under uniform routing. The time model of the decode step (the planner, the rollout
+    benchmark); the XLA cost model cannot see inside the paged-attention kernel."""
+    slots = layout.slots // layout.local_groups
+    weights = float(cfg.num_params)
+    sparse = sum(cfg.sparse_layers)
+    if sparse:
+        e, k = cfg.num_experts, cfg.num_experts_per_tok
+        idle = e - e * (1 - (1 - k / e) ** slots)
+        weights -= sparse * idle * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    kv = slots * context * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(layout.cache_dtype).itemsize
+    return weights * jnp.dtype(cfg.dtype).itemsize + kv
+
+
 # ----------------------------------------------------------------------------------------- device side
 
 def _init_cache(cfg, layout, mesh, rules):
