@@ -104,6 +104,23 @@ def test_matmul_flops_match_the_einsum_count():
     assert (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"] == pytest.approx(expected, rel=0.01)
 
 
+def test_hbm_bytes_follow_the_layer_loop():
+    """HBM bytes read from the HLO: a 28-layer scan reads each layer's weights once (a slice of the stack,
+    not the stack per layer), and its body counted once agrees with XLA's own bytes accessed."""
+    mesh = topology.tpu_mesh("v5e-1", {})
+
+    def f(x, ws):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, ws)[0]
+
+    compiled = jax.jit(f).lower(_sds((128, 1024), jnp.bfloat16, mesh), _sds((28, 1024, 1024), jnp.bfloat16, mesh)).compile()
+    summary = hlo.analyze(compiled.as_text())
+    cost = compiled.cost_analysis()
+    xla_once = (cost[0] if isinstance(cost, (list, tuple)) else cost)["bytes accessed"]
+    assert summary.hbm_bytes_once == pytest.approx(xla_once, rel=0.15)
+    weights, activations = 28 * 1024 * 1024 * 2, 28 * 2 * 128 * 1024 * 2
+    assert weights + activations <= summary.hbm_bytes <= 1.5 * (weights + activations)  # the stack per layer: 28x
+
+
 def test_trip_count_and_group_parsing():
     assert hlo.group_size("replica_groups=[2,4]<=[8]", 8) == 4
     assert hlo.group_size("replica_groups={{0,1,2,3},{4,5,6,7}}", 8) == 4

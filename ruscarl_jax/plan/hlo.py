@@ -362,6 +362,8 @@ class HloSummary:
     tiled_layouts: bool  # TPU tiled layouts (":T(8,128)") present: the TPU compiler built it
     flops: float  # matmul / convolution / Mosaic-kernel FLOPs per device, loops multiplied out
     flops_once: float  # the same with every loop body counted once (as XLA's cost analysis counts them)
+    hbm_bytes: float = 0.0  # bytes the program's kernels (fusions, matmuls, copies) read and write, loops multiplied out
+    hbm_bytes_once: float = 0.0  # the same with every loop body counted once
 
     @property
     def per_step(self) -> dict[str, int]:
@@ -387,7 +389,8 @@ class HloSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return {"per_step": self.per_step, "wire_bytes": self.wire_bytes, "flops": self.flops,
-                "flops_once": self.flops_once, "tiled_layouts": self.tiled_layouts,
+                "flops_once": self.flops_once, "hbm_bytes": self.hbm_bytes, "hbm_bytes_once": self.hbm_bytes_once,
+                "tiled_layouts": self.tiled_layouts,
                 "mosaic_kernels": list(self.mosaic_kernels),
                 "loops": [dataclasses.asdict(loop) for loop in self.loops],
                 "kernels": [{**dataclasses.asdict(k), "mosaic": k.mosaic} for k in self.kernels
@@ -476,6 +479,67 @@ def _collective_bytes(kind: str, inst: Instruction, comp: Computation) -> int:
     return shape_bytes(arrays[0]) if arrays else 0
 
 
+# instructions that move no HBM bytes of their own: structure, aliases, and control flow (its bodies count)
+_NO_TRAFFIC = frozenset(("parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call",
+                         "conditional", "after-all", "partition-id", "replica-id", "iota", "opt-barrier",
+                         "copy-done", "async-done", "async-update", "all-gather-done", "all-reduce-done",
+                         "collective-permute-done", "send-done", "recv-done"))
+
+
+_SLICING = ("dynamic-slice", "slice", "gather")
+
+
+def _read_of_parameters(fused: Computation, computations: dict[str, Computation], depth: int = 0
+                        ) -> dict[int, int | None]:
+    """Per parameter number of a fused computation: the bytes it reads when every use slices it (a layer's
+    weights out of the stacked layers, a page out of the pool; through nested fusions), else None (read
+    whole)."""
+    params = {i.name: int(i.args) for i in fused.instructions.values()
+              if i.opcode == "parameter" and i.args.strip().isdigit()}
+    reads: dict[int, int | None] = {}
+    for inst in fused.instructions.values():
+        nested = None
+        if inst.opcode == "fusion" and depth < 8:
+            callee = computations.get(_callee(inst.attrs, "calls") or "")
+            nested = _read_of_parameters(callee, computations, depth + 1) if callee is not None else {}
+        for position, operand in enumerate(inst.operands):
+            if operand not in params:
+                continue
+            number = params[operand]
+            if inst.opcode in _SLICING and position == 0:
+                part = shape_bytes(inst.shape)
+            elif nested is not None and nested.get(position) is not None:
+                part = nested[position]
+            else:
+                part = None
+            reads[number] = None if part is None or (number in reads and reads[number] is None) \
+                else (reads.get(number) or 0) + part
+    return reads
+
+
+def _traffic(inst: Instruction, comp: Computation, computations: dict[str, Computation]) -> int:
+    """HBM bytes of one execution of a top-level instruction: its result and its operands, as XLA's cost
+    analysis counts them. An operand only sliced (a layer's weights out of the stacked layers) reads the
+    slice; an in-place update (dynamic-update-slice or scatter, alone or at a fusion's root) reads and
+    writes the update, not the buffer it aliases."""
+    if inst.opcode == "custom-call" and "AllocateBuffer" in inst.attrs:
+        return 0
+    operands = [shape_bytes(comp.instructions[o].shape) if o in comp.instructions else 0 for o in inst.operands]
+    result = shape_bytes(inst.shape)
+    if inst.opcode in _SLICING:
+        return 2 * result + sum(operands[1:])
+    root = inst
+    if inst.opcode == "fusion":
+        fused = computations.get(_callee(inst.attrs, "calls") or "")
+        if fused is not None:
+            reads = _read_of_parameters(fused, computations)
+            operands = [o if reads.get(i) is None else min(o, reads[i]) for i, o in enumerate(operands)]
+            root = fused.root or inst
+    if root.opcode in ("dynamic-update-slice", "scatter"):
+        return 2 * sum(o for o in operands if o < result)
+    return result + sum(operands)
+
+
 _DONE = ("async-done", "async-update", "all-gather-done", "all-reduce-done", "collective-permute-done")
 
 
@@ -491,12 +555,17 @@ def analyze(text: str, num_devices: int = 1) -> HloSummary:
     kernels: dict[tuple[str, str, str], int] = {}
     loops: dict[str, dict[str, Any]] = {}
     flops = [0.0, 0.0]
+    memory = [0.0, 0.0]
 
     def visit(comp: Computation, times: int, stack: tuple[str, ...], as_kind: str | None, depth: int,
-              caller_op: str = "") -> None:
+              caller_op: str = "", fused: bool = False) -> None:
         if depth > 64:
             return
         for inst in comp.instructions.values():
+            if not fused and inst.opcode not in _NO_TRAFFIC:  # a kernel: its operands in, its result out
+                moved = _traffic(inst, comp, computations)
+                memory[0] += moved * times
+                memory[1] += moved
             kind = _OPCODE_KIND.get(inst.opcode)
             if kind is not None:
                 if kind == "all-reduce" and as_kind:
@@ -525,7 +594,8 @@ def analyze(text: str, num_devices: int = 1) -> HloSummary:
             for key, name in callees:
                 if name in computations and (key != "to_apply" or inst.opcode == "call"):
                     fused_kind = "reduce-scatter" if inst.opcode == "fusion" and name.startswith("all-reduce-scatter") else as_kind
-                    visit(computations[name], times, stack, fused_kind, depth + 1, _op_name(inst.attrs) or caller_op)
+                    visit(computations[name], times, stack, fused_kind, depth + 1, _op_name(inst.attrs) or caller_op,
+                          fused or inst.opcode not in ("call", "conditional"))
 
     visit(entry, 1, (), None, 0)
 
@@ -539,7 +609,7 @@ def analyze(text: str, num_devices: int = 1) -> HloSummary:
                 per_iteration[c.kind] += c.bytes * math.prod(trips[n] for n in inner)
         summaries.append(Loop(name, info["op_name"], info["trip_count"], info["exact"], info["parents"], per_iteration))
     kernel_list = tuple(Kernel(t, n, o, count) for (t, n, o), count in sorted(kernels.items()))
-    return HloSummary(tuple(found), tuple(summaries), kernel_list, ":T(" in text, flops[0], flops[1])
+    return HloSummary(tuple(found), tuple(summaries), kernel_list, ":T(" in text, flops[0], flops[1], memory[0], memory[1])
 
 
 def main_loop(summary: HloSummary) -> Loop | None:

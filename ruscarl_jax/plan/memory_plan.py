@@ -116,7 +116,7 @@ class ProgramMemory:
     calls: float = 1.0  # calls per training step
     iterations: float = 0.0  # iterations of its main loop per step where that is the unit (decode steps), else 0
     flops: float = 0.0  # per device per call, loops multiplied out (matmuls and Mosaic kernels from the HLO)
-    hbm_bytes: float = 0.0  # per device per call: the cost analysis's bytes accessed, loops multiplied out
+    hbm_bytes: float = 0.0  # per device per call: the HBM bytes its kernels read and write (plan.hlo), loops multiplied out
     cost_model_s: float = 0.0  # the compiler's optimal_seconds per call, loops multiplied out (0: none)
     hlo: Any = None  # plan.hlo.HloSummary of the optimized HLO
 
@@ -165,7 +165,7 @@ def compile_program(name: str, fn: Callable[..., Any], args: Sequence[Any], *, r
     memory = ProgramMemory(name, int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes),
                            int(stats.temp_size_in_bytes), int(stats.alias_size_in_bytes), int(resident), int(analytic),
                            calls=calls, flops=summary.flops or float(cost.get("flops", 0.0)),
-                           hbm_bytes=float(cost.get("bytes accessed", 0.0)) * scale,
+                           hbm_bytes=summary.hbm_bytes or float(cost.get("bytes accessed", 0.0)) * scale,
                            cost_model_s=max(0.0, float(cost.get("optimal_seconds", 0.0))) * scale, hlo=summary)
     return memory, compiled.out_info
 
