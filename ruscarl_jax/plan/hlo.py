@@ -4,6 +4,7 @@
     summary.per_step            # {"all-gather": bytes, ...} per device for one call of the program
     summary.loops               # each while loop: trip count, bytes per iteration by kind
     summary.kernels             # Mosaic (Pallas) kernels and other custom calls
+    summary.flops, .hbm_bytes   # per device per call, loops multiplied out (each instruction's: plan.hlo_cost)
 
 Bytes are per device, of the buffer each collective works on: the result of an all-gather (what each
 device ends up holding), the operand of an all-reduce, a reduce-scatter, an all-to-all and a
@@ -23,7 +24,9 @@ import math
 import re
 from typing import Any
 
-import numpy as np
+from ruscarl_jax.plan import hlo_cost
+from ruscarl_jax.plan import hlo_text
+from ruscarl_jax.plan.hlo_text import Computation, Instruction, parse, shape_bytes  # noqa: F401  (the readers' API)
 
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _OPCODE_KIND = {
@@ -34,121 +37,7 @@ _OPCODE_KIND = {
     "collective-permute": "collective-permute", "collective-permute-start": "collective-permute",
     "collective-broadcast": "collective-permute",
 }
-_DTYPE_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "s32": 32, "u32": 32,
-               "s64": 64, "u64": 64, "f16": 16, "bf16": 16, "f32": 32, "f64": 64, "c64": 64, "c128": 128,
-               "f8e4m3fn": 8, "f8e5m2": 8, "f8e4m3b11fnuz": 8, "f8e4m3fnuz": 8, "f8e5m2fnuz": 8, "f8e4m3": 8,
-               "f8e3m4": 8, "f4e2m1fn": 4, "f8e8m0fnu": 8, "token": 0}
-_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
-_CALLS = re.compile(r"\b(calls|body|condition|to_apply|branch_computations|true_computation|false_computation)="
-                    r"(\{[^}]*\}|%?[\w.\-]+)")
 MOSAIC = "tpu_custom_call"  # the custom-call target of a Pallas TPU (Mosaic) kernel
-
-
-# ------------------------------------------------------------------------------------------ parsing
-
-@dataclasses.dataclass
-class Instruction:
-    name: str
-    shape: str
-    opcode: str
-    operands: list[str]
-    attrs: str
-    root: bool
-    args: str = ""  # the text between the opcode's parentheses (a constant's literal)
-
-
-@dataclasses.dataclass
-class Computation:
-    name: str
-    entry: bool
-    instructions: dict[str, Instruction]
-    root: Instruction | None = None
-
-
-def _matching(text: str, start: int) -> int:
-    """Index just past the bracket that closes the one at `start`."""
-    opening, closing = text[start], {"(": ")", "{": "}", "[": "]"}[text[start]]
-    depth = 0
-    for i in range(start, len(text)):
-        if text[i] == opening:
-            depth += 1
-        elif text[i] == closing:
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return len(text)
-
-
-def _instruction(line: str) -> Instruction | None:
-    match = re.match(r"\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*", line)
-    if not match:
-        return None
-    rest = line[match.end():]
-    if rest.startswith("("):
-        end = _matching(rest, 0)
-        shape, rest = rest[:end], rest[end:].lstrip()
-    else:
-        shape, _, rest = rest.partition(" ")
-    opcode_match = re.match(r"([\w\-]+)\(", rest)
-    if not opcode_match:
-        return None
-    open_at = opcode_match.end() - 1
-    close_at = _matching(rest, open_at)
-    operands = re.findall(r"%([\w.\-]+)", rest[open_at:close_at])
-    if not operands:  # HLO printed without '%': names are the words that are not types or literals
-        operands = [w for w in re.findall(r"([A-Za-z_][\w.\-]*)", rest[open_at + 1:close_at - 1]) if w not in _DTYPE_BITS]
-    return Instruction(match.group(2), shape, opcode_match.group(1), operands, rest[close_at:], bool(match.group(1)),
-                       rest[open_at + 1:close_at - 1])
-
-
-_STATEMENT = re.compile(r"\s*(ROOT\s+)?%?[\w.\-]+\s*=\s*\S|(ENTRY\s+)?%?[\w.\-]+\s.*\{\s*$|HloModule\b|\}\s*$|\s*$")
-
-
-def _statements(text: str) -> list[str]:
-    """The module's lines with continuation lines joined to the statement they continue: a Mosaic kernel's
-    backend_config can hold a string with line breaks (its xprof metadata), whose lines may even start with
-    '}' and would otherwise end the computation early and lose its ROOT."""
-    out: list[str] = []
-    for line in text.splitlines():
-        if out and not _STATEMENT.match(line):
-            out[-1] += "\n" + line
-        else:
-            out.append(line)
-    return out
-
-
-def parse(text: str) -> dict[str, Computation]:
-    """The computations of an HLO module's text, by name."""
-    computations: dict[str, Computation] = {}
-    current: Computation | None = None
-    for line in _statements(text):
-        if current is None:
-            header = re.match(r"(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$", line)
-            if header and not line.startswith((" ", "HloModule")):
-                current = Computation(header.group(2), bool(header.group(1)), {})
-            continue
-        if line.startswith("}"):
-            computations[current.name] = current
-            current = None
-            continue
-        inst = _instruction(line)
-        if inst is not None:
-            current.instructions[inst.name] = inst
-            if inst.root:
-                current.root = inst
-    return computations
-
-
-def shape_bytes(shape: str) -> int:
-    """Bytes of an HLO shape (a tuple counts all its arrays)."""
-    bits = 0
-    for dtype, dims in _ARRAY.findall(shape):
-        bits += _DTYPE_BITS.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
-    return bits // 8
-
-
-def _arrays(shape: str) -> list[str]:
-    return [f"{t}[{d}]" for t, d in _ARRAY.findall(shape)]
 
 
 def group_size(attrs: str, num_devices: int) -> int:
@@ -208,7 +97,7 @@ def _linear(comp: Computation, name: str, env: dict[int, tuple[Computation, str,
             return (b[0], a[1] + b[1])
         return None
     if op == "fusion":
-        fused = computations.get(_callee(inst.attrs, "calls") or "")
+        fused = computations.get(hlo_text.callee(inst.attrs, "calls") or "")
         if fused is None or fused.root is None:
             return None
         inner_env = {i: (comp, o, env) for i, o in enumerate(inst.operands)}
@@ -229,7 +118,7 @@ def _compares(comp: Computation, name: str, env: Any, computations: dict[str, Co
     if inst.opcode in _PASS_THROUGH and inst.operands:
         return _compares(comp, inst.operands[0], env, computations, depth + 1)
     if inst.opcode == "fusion":
-        fused = computations.get(_callee(inst.attrs, "calls") or "")
+        fused = computations.get(hlo_text.callee(inst.attrs, "calls") or "")
         if fused is not None and fused.root is not None:
             inner_env = {i: (comp, o, env) for i, o in enumerate(inst.operands)}
             return _compares(fused, fused.root.name, inner_env, computations, depth + 1)
@@ -258,8 +147,8 @@ def trip_count(computations: dict[str, Computation], comp: Computation, loop: In
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attrs)
     if known:
         return int(known.group(1)), True
-    cond = computations.get(_callee(loop.attrs, "condition") or "")
-    body = computations.get(_callee(loop.attrs, "body") or "")
+    cond = computations.get(hlo_text.callee(loop.attrs, "condition") or "")
+    body = computations.get(hlo_text.callee(loop.attrs, "body") or "")
     init = comp.instructions.get(loop.operands[0]) if loop.operands else None
     if cond is None or body is None or cond.root is None or body.root is None or init is None:
         return None, False
@@ -291,20 +180,6 @@ def trip_count(computations: dict[str, Computation], comp: Computation, loop: In
     if not counts:
         return None, False
     return min(counts), len(counts) == len(compares)
-
-
-def _callee(attrs: str, key: str) -> str | None:
-    match = re.search(rf"\b{key}=%?([\w.\-]+)", attrs)
-    return match.group(1) if match else None
-
-
-def _callees(inst: Instruction) -> list[tuple[str, str]]:
-    """(attribute, computation) pairs an instruction calls."""
-    out = []
-    for key, value in _CALLS.findall(inst.attrs):
-        for name in re.findall(r"%?([\w.\-]+)", value.strip("{}")):
-            out.append((key, name))
-    return out
 
 
 # ------------------------------------------------------------------------------------------ the summary
@@ -398,146 +273,15 @@ class HloSummary:
                 "collectives": [{**dataclasses.asdict(c), "times": t} for c, t in self.collectives]}
 
 
-def _op_name(attrs: str) -> str:
-    match = re.search(r'op_name="([^"]*)"', attrs)
-    return match.group(1) if match else ""
-
-
-def _dims(shape: str) -> list[int]:
-    match = _ARRAY.search(shape)
-    return [int(d) for d in match.group(2).split(",") if d] if match else []
-
-
-def _flops(inst: Instruction, comp: Computation) -> float:
-    """FLOPs of a dot, a convolution (how the TPU compiler writes matmuls) or a Mosaic kernel (its own
-    cost estimate); 0 for anything else."""
-    if inst.opcode == "custom-call":
-        match = re.search(r'"cost_estimate":\{"flops":"(\d+)"', inst.attrs)
-        return float(match.group(1)) if match else 0.0
-    if inst.opcode not in ("dot", "convolution") or len(inst.operands) < 2:
-        return 0.0
-    out = math.prod(_dims(inst.shape))
-    lhs = comp.instructions.get(inst.operands[0])
-    rhs = comp.instructions.get(inst.operands[1])
-    if inst.opcode == "dot":
-        contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", inst.attrs)
-        if lhs is None or contracting is None:
-            return 0.0
-        dims = _dims(lhs.shape)
-        return 2.0 * out * math.prod(dims[int(d)] for d in contracting.group(1).split(",") if d)
-    return _convolution_flops(inst, lhs, rhs)
-
-
-def _window(attrs: str, key: str, n: int, default: int) -> list[int]:
-    match = re.search(rf"\b{key}=([0-9x]+)", attrs)
-    return [int(v) for v in match.group(1).split("x")] if match else [default] * n
-
-
-def _convolution_flops(inst: Instruction, lhs: Instruction | None, rhs: Instruction | None) -> float:
-    """2 x output elements x input features per group x the kernel taps that land on real input, per output
-    position. The TPU compiler writes batched and head-split matmuls as convolutions whose window slides
-    over padding or an lhs-dilated dimension, where all but one tap multiply zeros; counted as XLA's cost
-    analysis counts them (valid window positions per spatial dimension), not as the window's size."""
-    labels = re.search(r"dim_labels=([^_]*)_([^-]*)->(\S+?)[,\s]", inst.attrs + " ")
-    if lhs is None or rhs is None or labels is None:
-        return 0.0
-    lhs_labels, rhs_labels, out_labels = labels.groups()
-    lhs_dims, kernel, out_dims = _dims(lhs.shape), _dims(rhs.shape), _dims(inst.shape)
-    if "i" not in rhs_labels or rhs_labels.index("i") >= len(kernel):
-        return 0.0
-    flops = 2.0 * math.prod(out_dims) * kernel[rhs_labels.index("i")]
-    spatial = sorted(c for c in lhs_labels if c.isdigit())
-    if not spatial:
-        return flops
-    n = len(spatial)
-    size = _window(inst.attrs, "size", n, 1)
-    stride = _window(inst.attrs, "stride", n, 1)
-    lhs_dilate = _window(inst.attrs, "lhs_dilate", n, 1)
-    rhs_dilate = _window(inst.attrs, "rhs_dilate", n, 1)
-    pad = re.search(r"\bpad=([0-9_x\-]+)", inst.attrs)
-    pads = [tuple(int(v) for v in p.split("_")) for p in pad.group(1).split("x")] if pad else [(0, 0)] * n
-    for d, label in enumerate(spatial):
-        if label not in out_labels or max(lhs_labels.index(label), out_labels.index(label)) >= min(len(lhs_dims), len(out_dims)):
-            return flops
-        extent, outputs = lhs_dims[lhs_labels.index(label)], out_dims[out_labels.index(label)]
-        o = np.arange(outputs)[:, None]
-        k = np.arange(size[d])[None, :]
-        pos = o * stride[d] + k * rhs_dilate[d] - pads[d][0]  # in the padded, lhs-dilated input
-        valid = (pos >= 0) & (pos <= (extent - 1) * lhs_dilate[d]) & (pos % lhs_dilate[d] == 0)
-        flops *= float(valid.sum()) / max(outputs, 1)
-    return flops
-
-
 def _collective_bytes(kind: str, inst: Instruction, comp: Computation) -> int:
     if kind == "all-gather":  # the gathered result (of an -start: the last array of its tuple)
-        arrays = _arrays(inst.shape)
+        arrays = hlo_text.arrays(inst.shape)
         return shape_bytes(arrays[-1]) if inst.opcode.endswith("-start") and arrays else shape_bytes(inst.shape)
     operands = [comp.instructions[o].shape for o in inst.operands if o in comp.instructions]
     if operands:
         return sum(shape_bytes(s) for s in operands)
-    arrays = _arrays(inst.shape)  # operands not in this computation: the first array of the result
+    arrays = hlo_text.arrays(inst.shape)  # operands not in this computation: the first array of the result
     return shape_bytes(arrays[0]) if arrays else 0
-
-
-# instructions that move no HBM bytes of their own: structure, aliases, and control flow (its bodies count)
-_NO_TRAFFIC = frozenset(("parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call",
-                         "conditional", "after-all", "partition-id", "replica-id", "iota", "opt-barrier",
-                         "copy-done", "async-done", "async-update", "all-gather-done", "all-reduce-done",
-                         "collective-permute-done", "send-done", "recv-done"))
-
-
-_SLICING = ("dynamic-slice", "slice", "gather")
-
-
-def _read_of_parameters(fused: Computation, computations: dict[str, Computation], depth: int = 0
-                        ) -> dict[int, int | None]:
-    """Per parameter number of a fused computation: the bytes it reads when every use slices it (a layer's
-    weights out of the stacked layers, a page out of the pool; through nested fusions), else None (read
-    whole)."""
-    params = {i.name: int(i.args) for i in fused.instructions.values()
-              if i.opcode == "parameter" and i.args.strip().isdigit()}
-    reads: dict[int, int | None] = {}
-    for inst in fused.instructions.values():
-        nested = None
-        if inst.opcode == "fusion" and depth < 8:
-            callee = computations.get(_callee(inst.attrs, "calls") or "")
-            nested = _read_of_parameters(callee, computations, depth + 1) if callee is not None else {}
-        for position, operand in enumerate(inst.operands):
-            if operand not in params:
-                continue
-            number = params[operand]
-            if inst.opcode in _SLICING and position == 0:
-                part = shape_bytes(inst.shape)
-            elif nested is not None and nested.get(position) is not None:
-                part = nested[position]
-            else:
-                part = None
-            reads[number] = None if part is None or (number in reads and reads[number] is None) \
-                else (reads.get(number) or 0) + part
-    return reads
-
-
-def _traffic(inst: Instruction, comp: Computation, computations: dict[str, Computation]) -> int:
-    """HBM bytes of one execution of a top-level instruction: its result and its operands, as XLA's cost
-    analysis counts them. An operand only sliced (a layer's weights out of the stacked layers) reads the
-    slice; an in-place update (dynamic-update-slice or scatter, alone or at a fusion's root) reads and
-    writes the update, not the buffer it aliases."""
-    if inst.opcode == "custom-call" and "AllocateBuffer" in inst.attrs:
-        return 0
-    operands = [shape_bytes(comp.instructions[o].shape) if o in comp.instructions else 0 for o in inst.operands]
-    result = shape_bytes(inst.shape)
-    if inst.opcode in _SLICING:
-        return 2 * result + sum(operands[1:])
-    root = inst
-    if inst.opcode == "fusion":
-        fused = computations.get(_callee(inst.attrs, "calls") or "")
-        if fused is not None:
-            reads = _read_of_parameters(fused, computations)
-            operands = [o if reads.get(i) is None else min(o, reads[i]) for i, o in enumerate(operands)]
-            root = fused.root or inst
-    if root.opcode in ("dynamic-update-slice", "scatter"):
-        return 2 * sum(o for o in operands if o < result)
-    return result + sum(operands)
 
 
 _DONE = ("async-done", "async-update", "all-gather-done", "all-reduce-done", "collective-permute-done")
@@ -562,8 +306,8 @@ def analyze(text: str, num_devices: int = 1) -> HloSummary:
         if depth > 64:
             return
         for inst in comp.instructions.values():
-            if not fused and inst.opcode not in _NO_TRAFFIC:  # a kernel: its operands in, its result out
-                moved = _traffic(inst, comp, computations)
+            if not fused and inst.opcode not in hlo_cost.NO_TRAFFIC:  # a kernel: its operands in, its result out
+                moved = hlo_cost.traffic(inst, comp, computations)
                 memory[0] += moved * times
                 memory[1] += moved
             kind = _OPCODE_KIND.get(inst.opcode)
@@ -571,20 +315,20 @@ def analyze(text: str, num_devices: int = 1) -> HloSummary:
                 if kind == "all-reduce" and as_kind:
                     kind = as_kind
                 found.append((Collective(kind, _collective_bytes(kind, inst, comp), group_size(inst.attrs, num_devices),
-                                         inst.name, _op_name(inst.attrs) or caller_op, stack), times))
-            work = _flops(inst, comp)
+                                         inst.name, hlo_text.op_name(inst.attrs) or caller_op, stack), times))
+            work = hlo_cost.flops(inst, comp)
             flops[0] += work * times
             flops[1] += work
             if inst.opcode == "custom-call":
                 target = re.search(r'custom_call_target="([^"]*)"', inst.attrs)
-                key = (target.group(1) if target else "?", re.sub(r"(\.\d+)+$", "", inst.name), _op_name(inst.attrs))
+                key = (target.group(1) if target else "?", re.sub(r"(\.\d+)+$", "", inst.name), hlo_text.op_name(inst.attrs))
                 kernels[key] = kernels.get(key, 0) + times
             if inst.opcode in _DONE:
                 continue
-            callees = _callees(inst)
+            callees = hlo_text.callees(inst)
             if inst.opcode == "while":
                 trips, exact = trip_count(computations, comp, inst)
-                loops[inst.name] = {"op_name": _op_name(inst.attrs), "trip_count": trips, "exact": exact,
+                loops[inst.name] = {"op_name": hlo_text.op_name(inst.attrs), "trip_count": trips, "exact": exact,
                                     "parents": stack}
                 for key, name in callees:
                     if key == "body" and name in computations:
@@ -594,7 +338,7 @@ def analyze(text: str, num_devices: int = 1) -> HloSummary:
             for key, name in callees:
                 if name in computations and (key != "to_apply" or inst.opcode == "call"):
                     fused_kind = "reduce-scatter" if inst.opcode == "fusion" and name.startswith("all-reduce-scatter") else as_kind
-                    visit(computations[name], times, stack, fused_kind, depth + 1, _op_name(inst.attrs) or caller_op,
+                    visit(computations[name], times, stack, fused_kind, depth + 1, hlo_text.op_name(inst.attrs) or caller_op,
                           fused or inst.opcode not in ("call", "conditional"))
 
     visit(entry, 1, (), None, 0)
