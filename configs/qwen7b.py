@@ -67,7 +67,8 @@ def get_config():
     # activations per token). The 512 rows of a step all decode at once (16 per chip of a v5p-64): 8 GB of
     # bfloat16 pages per chip = 8.7k pages of 16 tokens, enough for 16 full-length (8192-token) sequences, so no
     # row waits for a slot and the rollout takes as many decode steps as its longest row (no tail of late
-    # admissions); sequences are preempted only if a smaller slice runs out of pages
+    # admissions); sequences are preempted only if a smaller slice runs out of pages. The TPU compiler's plan for a
+    # v5p-64 (docs/memory_plan.md): step peak 35.5 GiB per chip (the prefill), 0 bytes between chips per decode step
     c.rollout.engine.update(dict(slots=512, page_size=16, memory_gb=8.0, max_seq_len=8192, check_every=32,
                                  cache_dtype="bfloat16"))
     urls = [u for u in os.environ.get("JUDGE_BASE_URL", "").split(",") if u]
