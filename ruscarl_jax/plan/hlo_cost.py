@@ -13,6 +13,7 @@ import numpy as np
 from ruscarl_jax.plan import hlo_text
 from ruscarl_jax.plan.hlo_text import Computation, Instruction, shape_bytes
 
+
 def flops(inst: Instruction, comp: Computation) -> float:
     """FLOPs of a dot, a convolution (how the TPU compiler writes matmuls) or a Mosaic kernel (its own
     cost estimate); 0 for anything else."""
@@ -78,8 +79,6 @@ NO_TRAFFIC = frozenset(("parameter", "constant", "tuple", "get-tuple-element", "
                          "conditional", "after-all", "partition-id", "replica-id", "iota", "opt-barrier",
                          "copy-done", "async-done", "async-update", "all-gather-done", "all-reduce-done",
                          "collective-permute-done", "send-done", "recv-done"))
-
-
 _SLICING = ("dynamic-slice", "slice", "gather")
 
 
