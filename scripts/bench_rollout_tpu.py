@@ -33,8 +33,7 @@ import jax  # noqa: E402
 
 from ruscarl_jax.plan import hlo as hlo_lib  # noqa: E402
 
-# HBM bandwidth per chip, GB/s (cloud.google.com/tpu/docs/v5e, /v5p, /v6e)
-HBM_GBS = {"v5p": 2765.0, "v5e": 819.0, "v6e": 1640.0}
+from ruscarl_jax.plan.roofline import CHIPS  # noqa: E402  (the one table of chip peaks, with sources)
 def main() -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
@@ -80,7 +79,7 @@ def main() -> dict:
     slots_per_chip = layout.slots // layout.local_groups
     weight_bytes = engine.decode_step_hbm_bytes(cfg, layout, context=0)  # the experts its slots route to
     kv_bytes = engine.decode_step_hbm_bytes(cfg, layout, context=layout.pages_per_seq * layout.page_size) - weight_bytes
-    bw = HBM_GBS[family] * 1e9
+    bw = CHIPS[family].hbm_bytes_per_s
     roofline_s = (weight_bytes + kv_bytes) / bw
     model_s = max(0.0, float(cost.get("optimal_seconds", 0.0)))  # XLA gives a negative figure for some programs (n/a)
     step_s = max(model_s, roofline_s)
@@ -89,7 +88,7 @@ def main() -> dict:
                   collective_bytes_per_chip=sum(hlo_lib.analyze(hlo, num_devices=chips).per_step.values()),
                   mosaic_kernel='custom_call_target="tpu_custom_call"' in hlo,
                   cost_bytes_accessed=float(cost.get("bytes accessed", 0.0)), cost_optimal_seconds=model_s,
-                  weights_bytes=weight_bytes, own_kv_bytes_full_length=kv_bytes, hbm_gbs=HBM_GBS[family],
+                  weights_bytes=weight_bytes, own_kv_bytes_full_length=kv_bytes, hbm_gbs=bw / 1e9,
                   roofline_step_s=roofline_s, predicted_step_s=step_s,
                   predicted_tokens_per_s_per_chip=slots_per_chip / step_s, roofline_fraction=roofline_s / step_s,
                   compile_s=compile_s)
@@ -99,7 +98,7 @@ def main() -> dict:
           f"(each counted once); Mosaic paged-attention kernel: {result['mosaic_kernel']}")
     print(f"  one step: cost model {cost.get('bytes accessed', 0) / 1e9:.2f} GB accessed, optimal {1e3 * model_s:.2f} ms; "
           f"(0 = n/a); roofline (weights {weight_bytes / 1e9:.2f} GB + own KV at full length {kv_bytes / 1e9:.2f} GB at "
-          f"{HBM_GBS[family]:.0f} GB/s) {1e3 * roofline_s:.2f} ms")
+          f"{bw / 1e9:.0f} GB/s) {1e3 * roofline_s:.2f} ms")
     print(f"  predicted decode: {result['predicted_tokens_per_s_per_chip']:.0f} tokens/s per chip "
           f"({100 * result['roofline_fraction']:.0f}% of the HBM roofline); compiled in {compile_s:.0f} s")
     if args.json:
